@@ -1,0 +1,1 @@
+"""Mixture-of-Chapters language models on megatron-core."""
