@@ -1,0 +1,85 @@
+"""Router losses and chapter-load statistics, through megatron-core's MoE aux-loss machinery."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+    switch_load_balancing_loss_func,
+    z_loss_func,
+)
+
+from moc_megatron.config import MoCConfig
+from moc_megatron.memory.router import Routing
+
+LOAD_BALANCE_NAME = "moc_load_balancing_loss"
+Z_LOSS_NAME = "moc_z_loss"
+
+_chapter_load: dict[int, torch.Tensor] = {}
+
+
+def attach_router_losses(
+    output: torch.Tensor, routing: Routing, config: MoCConfig, layer_number: int
+) -> torch.Tensor:
+    """Attach the load-balancing and z-losses to ``output``'s backward and log them.
+
+    The losses' gradients enter through megatron's ``MoEAuxLossAutoScaler``, scaled like the LM
+    loss (see :func:`set_aux_loss_scale`); their unscaled values go to megatron's aux-loss tracker.
+    """
+    num_routed = config.moc_num_routed_chapters
+    num_units = routing.probs.shape[0]
+    per_chapter = torch.bincount(routing.chapters.flatten(), minlength=num_routed)
+    record_chapter_load(layer_number, per_chapter)
+    total = output.new_zeros((), dtype=torch.float32)
+    if config.moc_load_balance_coeff > 0:
+        lb = switch_load_balancing_loss_func(
+            routing.probs, per_chapter, num_units, config.moc_top_k, num_routed, config.moc_load_balance_coeff
+        )
+        save_to_aux_losses_tracker(
+            LOAD_BALANCE_NAME, lb / config.moc_load_balance_coeff, layer_number, config.num_layers
+        )
+        total = total + lb
+    if config.moc_z_loss_coeff > 0:
+        z = z_loss_func(routing.logits, config.moc_z_loss_coeff)
+        save_to_aux_losses_tracker(Z_LOSS_NAME, z / config.moc_z_loss_coeff, layer_number, config.num_layers)
+        total = total + z
+    return MoEAuxLossAutoScaler.apply(output, total)
+
+
+def set_aux_loss_scale(scale: torch.Tensor) -> None:
+    """Scale of the aux losses' gradients; the training step sets ``loss_scale / num_microbatches``."""
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+
+
+def record_chapter_load(layer_number: int, per_chapter: torch.Tensor) -> None:
+    """Accumulate how many routing units picked each routed chapter in this layer."""
+    counts = per_chapter.detach().to(torch.float64)
+    if layer_number in _chapter_load:
+        _chapter_load[layer_number] += counts
+    else:
+        _chapter_load[layer_number] = counts.clone()
+
+
+def pop_chapter_load() -> dict[int, torch.Tensor]:
+    """Return and reset the per-layer chapter selection counts since the last call."""
+    loads = dict(_chapter_load)
+    _chapter_load.clear()
+    return loads
+
+
+def chapter_load_statistics(counts: torch.Tensor) -> dict[str, float]:
+    """Entropy of the load (nats and as a fraction of the uniform maximum) and the unused share."""
+    total = counts.sum()
+    if total <= 0:
+        return {"entropy": 0.0, "normalized_entropy": 0.0, "unused_fraction": 1.0, "max_load": 0.0}
+    p = counts / total
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum())
+    max_entropy = float(torch.log(torch.tensor(float(len(counts)))))
+    return {
+        "entropy": entropy,
+        "normalized_entropy": entropy / max_entropy if max_entropy > 0 else 1.0,
+        "unused_fraction": float((counts == 0).float().mean()),
+        "max_load": float(p.max()),
+    }

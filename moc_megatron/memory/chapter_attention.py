@@ -1,0 +1,87 @@
+"""Attention of routing units' queries over their selected chapters, returning log-sum-exp.
+
+Pure tensor math: no process groups. Shapes use ``n`` routing units of ``u`` query positions,
+``h`` query heads, ``g`` key/value heads, ``k`` selected chapters of ``T`` tokens, head width ``e``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def chapter_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    selected: torch.Tensor,
+    weights: torch.Tensor,
+    gating: str,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attend every unit's queries to its selected chapters.
+
+    Args:
+        query: ``[n, u, h, e]``.
+        keys, values: ``[c, T, g, e]`` for the ``c`` chapters available here, computed once per
+            micro-batch from the (unweighted) memory tokens.
+        selected: ``[n, k]`` indices into ``keys``; ``-1`` marks a slot that is not here.
+        weights: ``[n, k]`` chapter weights.
+        gating: ``paper``: keys and values of each chapter are scaled by its weight and one softmax
+            spans all selected tokens; ``mixture``: one softmax per chapter, outputs summed with the
+            weights.
+
+    Returns:
+        ``(out [n, u, h, e], lse [n, u, h])`` for ``paper`` (``out`` normalised over the tokens
+        here, ``lse`` their log-sum-exp, ``-inf`` where nothing is selected), or ``(out, None)`` for
+        ``mixture`` (partial outputs add up).
+    """
+    n, u, h, e = query.shape
+    k = selected.shape[1]
+    t, g = keys.shape[1], keys.shape[2]
+    valid = selected >= 0
+    index = selected.clamp(min=0)
+    w = (weights * valid).to(query.dtype)
+    k_sel = keys[index]  # [n, k, T, g, e]
+    v_sel = values[index]
+    q = query.view(n, u, g, h // g, e)
+    if gating == "paper":
+        k_sel = (k_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
+        v_sel = (v_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
+        scores = torch.einsum("nugre,nmge->ngrum", q, k_sel).float() * softmax_scale
+        mask = valid.repeat_interleave(t, dim=1).view(n, 1, 1, 1, k * t)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [n, g, r, u]
+        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        probs = torch.exp(scores - safe_lse.unsqueeze(-1)).to(query.dtype)
+        out = torch.einsum("ngrum,nmge->nugre", probs, v_sel).reshape(n, u, h, e)
+        return out, lse.permute(0, 3, 1, 2).reshape(n, u, h)
+    if gating == "mixture":
+        scores = torch.einsum("nugre,nktge->ngrukt", q, k_sel).float() * softmax_scale
+        probs = torch.softmax(scores, dim=-1).to(query.dtype) * w.view(n, 1, 1, 1, k, 1)
+        out = torch.einsum("ngrukt,nktge->nugre", probs, v_sel).reshape(n, u, h, e)
+        return out, None
+    raise ValueError(f"unknown gating {gating!r}")
+
+
+def merge_partials(
+    outs: torch.Tensor, lses: torch.Tensor | None, unit_index: torch.Tensor, num_units: int
+) -> torch.Tensor:
+    """Combine partial attention outputs of the same units exactly.
+
+    ``outs`` ``[p, u, h, e]`` and ``lses`` ``[p, u, h]`` are partials; ``unit_index`` ``[p]`` says which
+    unit each belongs to. With log-sum-exps (paper gating) this is
+    ``o = sum_r exp(lse_r - LSE) o_r`` with ``LSE = log sum_r exp(lse_r)``, the same single softmax
+    as computing all chapters at once; without them (mixture gating) partials add up.
+    """
+    shape = (num_units, *outs.shape[1:])
+    if lses is None:
+        return outs.new_zeros(shape).index_add(0, unit_index, outs)
+    lses = lses.float()
+    # The per-unit maximum only keeps exp() in range; any constant gives the same result.
+    peak = torch.full((num_units, *lses.shape[1:]), float("-inf"), device=lses.device)
+    peak = peak.scatter_reduce(0, unit_index.view(-1, 1, 1).expand_as(lses), lses.detach(), "amax")
+    peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+    scaled = torch.exp(lses - peak[unit_index])
+    total = scaled.new_zeros(peak.shape).index_add(0, unit_index, scaled)
+    share = scaled / total[unit_index].clamp(min=torch.finfo(scaled.dtype).tiny)
+    return outs.new_zeros(shape).index_add(0, unit_index, outs * share.unsqueeze(-1).to(outs.dtype))

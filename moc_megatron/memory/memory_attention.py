@@ -1,0 +1,178 @@
+"""The MoC memory read, filling megatron's ``cross_attention`` slot of a TransformerLayer.
+
+route -> dispatch -> chapter attention (output + log-sum-exp) -> combine -> W_O. With expert
+parallelism the dispatcher adds an all-to-all; the math is the same on one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+
+from moc_megatron.config import MoCConfig
+from moc_megatron.memory.aux_losses import attach_router_losses
+from moc_megatron.memory.bank import MemoryBank
+from moc_megatron.memory.chapter_attention import chapter_attention
+from moc_megatron.memory.dispatcher import ChapterDispatcher
+from moc_megatron.memory.router import ChapterRouter, chapter_weights, pool_routing_units
+
+
+def expert_parallel_layout() -> tuple[int, int, object]:
+    """``(ep_rank, ep_size, ep_group)`` from megatron-core, or a single rank when uninitialised."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None
+    size = parallel_state.get_expert_model_parallel_world_size()
+    group = parallel_state.get_expert_model_parallel_group() if size > 1 else None
+    return parallel_state.get_expert_model_parallel_rank(), size, group
+
+
+def _tensor_parallel_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+class MoCMemoryAttention(MegatronModule):
+    """Cross-attention of the hidden states to the selected chapters of a memory bank.
+
+    Memory heads are split over tensor-parallel ranks like self-attention heads (``W_Q``, ``W_K``,
+    ``W_V`` column-parallel, ``W_O`` row-parallel and zero-initialised). The bank is either this
+    layer's own (``moc_shared_bank=False``) or the model's shared bank, set with
+    :meth:`set_shared_bank`.
+    """
+
+    def __init__(self, config: MoCConfig, layer_number: int, **kwargs) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        tp = _tensor_parallel_size()
+        self.num_heads = config.moc_num_heads // tp
+        self.num_groups = config.moc_num_query_groups // tp
+        self.head_dim = config.moc_head_dim
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim)
+        # Memory tokens are not a sequence: the K/V (and the already-gathered Q) projections must not
+        # gather along dim 0 under sequence parallelism.
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        linear = dict(config=plain, init_method=config.init_method, bias=False, gather_output=False)
+        self.linear_q = ColumnParallelLinear(config.hidden_size, config.moc_num_heads * self.head_dim, **linear)
+        kv_width = config.moc_num_query_groups * self.head_dim
+        self.linear_k = ColumnParallelLinear(config.moc_bank_dim, kv_width, **linear)
+        self.linear_v = ColumnParallelLinear(config.moc_bank_dim, kv_width, **linear)
+        self.linear_o = RowParallelLinear(
+            config.moc_num_heads * self.head_dim,
+            config.hidden_size,
+            config=config,
+            init_method=torch.nn.init.zeros_,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+        self.shared_norm = torch.nn.RMSNorm(config.moc_bank_dim, eps=config.layernorm_epsilon)
+        self.routed_norm = torch.nn.RMSNorm(config.moc_bank_dim, eps=config.layernorm_epsilon)
+        self.router = ChapterRouter(config)
+        ep_rank, ep_size, ep_group = expert_parallel_layout()
+        self.own_bank = None if config.moc_shared_bank else MemoryBank(config, ep_rank, ep_size)
+        self._shared_bank: list[MemoryBank] = []
+        self.dispatcher = ChapterDispatcher(config.moc_num_routed_chapters // ep_size, ep_group, ep_size)
+
+    def set_shared_bank(self, bank: MemoryBank) -> None:
+        """Read the model's shared bank (kept outside this module's parameters)."""
+        self._shared_bank = [bank]
+
+    @property
+    def bank(self) -> MemoryBank:
+        """The bank this layer reads."""
+        if self.own_bank is not None:
+            return self.own_bank
+        if not self._shared_bank:
+            raise RuntimeError(f"memory layer {self.layer_number} has no bank: call set_shared_bank()")
+        return self._shared_bank[0]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, key_value_states=None,
+                inference_context=None, **kwargs) -> tuple[torch.Tensor, None]:
+        """Memory read of ``hidden_states`` ``[s, b, h]`` (sequence-sharded under SP)."""
+        cfg = self.config
+        if cfg.sequence_parallel and _tensor_parallel_size() > 1:
+            query_input = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True)
+            # The router's gradient is already complete on every rank: split it, do not sum it.
+            router_input = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        else:
+            query_input = router_input = hidden_states
+        s, b, _ = query_input.shape
+
+        routing = self.router(pool_routing_units(router_input, cfg.moc_routing_unit, cfg.moc_chunk_size))
+        shared_w, routed_w = chapter_weights(routing, cfg)
+        # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
+        shared_w = copy_to_tensor_model_parallel_region(shared_w)
+        routed_w = copy_to_tensor_model_parallel_region(routed_w)
+
+        query = self.linear_q(query_input)[0].view(s, b, self.num_heads, self.head_dim)
+        query = self._to_units(query)
+        sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
+        keys, values, selected = self._routed_keys_values(sent.local_chapters)
+        routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
+                                   self.softmax_scale)
+        shared = self._shared_partial(query, shared_w)
+        out = self.dispatcher.combine(*routed, extra=shared)
+        out = self._from_units(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
+
+        output, bias = self.linear_o(out)
+        if self.training and torch.is_grad_enabled():
+            output = attach_router_losses(output, routing, cfg, self.layer_number)
+        return output, bias
+
+    def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[c, T, g, e]`` of memory tokens ``[c, T, d]``."""
+        c, t, d = tokens.shape
+        flat = tokens.reshape(c * t, 1, d)
+        shape = (c, t, self.num_groups, self.head_dim)
+        return self.linear_k(flat)[0].view(shape), self.linear_v(flat)[0].view(shape)
+
+    def _routed_keys_values(self, local_chapters: torch.Tensor):
+        """K/V once for every local chapter with traffic, and the units' indices into them."""
+        valid = local_chapters >= 0
+        used = torch.unique(local_chapters[valid])
+        lookup = torch.full((self.bank.num_local_routed,), -1, dtype=torch.long, device=used.device)
+        lookup[used] = torch.arange(used.numel(), device=used.device)
+        selected = torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
+        keys, values = self._project(self.routed_norm(self.bank.routed_rows(used)))
+        return keys, values, selected
+
+    def _shared_partial(self, query: torch.Tensor, shared_w: torch.Tensor):
+        """Attention over the shared chapters, computed locally for every unit."""
+        num_shared = self.config.moc_num_shared_chapters
+        if num_shared == 0:
+            return None
+        keys, values = self._project(self.shared_norm(self.bank.shared))
+        selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
+        return chapter_attention(query, keys, values, selected, shared_w, self.config.moc_gating,
+                                 self.softmax_scale)
+
+    def _to_units(self, x: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h, e]`` -> ``[units, unit_len, h, e]`` in the router's unit order."""
+        s, b, h, e = x.shape
+        x = x.transpose(0, 1)
+        unit = self.config.moc_routing_unit
+        if unit == "sequence":
+            return x
+        if unit == "token":
+            return x.reshape(b * s, 1, h, e)
+        size = self.config.moc_chunk_size
+        pad = -s % size
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.reshape(b * ((s + pad) // size), size, h, e)
+
+    def _from_units(self, x: torch.Tensor, s: int, b: int) -> torch.Tensor:
+        """Inverse of :meth:`_to_units`: back to ``[s, b, h, e]``."""
+        h, e = x.shape[-2:]
+        return x.reshape(b, -1, h, e)[:, :s].transpose(0, 1)

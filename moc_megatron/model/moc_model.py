@@ -1,0 +1,57 @@
+"""MoCGPTModel: megatron-core's GPTModel whose memory layers read a (shared) chapter bank."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from moc_megatron.config import MoCConfig
+from moc_megatron.memory.bank import MemoryBank
+from moc_megatron.memory.memory_attention import MoCMemoryAttention, expert_parallel_layout
+from moc_megatron.model.layer_specs import block_spec
+
+
+class MoCGPTModel(GPTModel):
+    """A decoder-only MoC language model (RMSNorm, RoPE, GQA, SwiGLU, memory cross-attention).
+
+    With ``moc_shared_bank`` one :class:`MemoryBank` lives on this module as ``memory_bank`` (on every
+    pipeline stage that has a memory layer) and every local memory layer reads it.
+    """
+
+    def __init__(self, config: MoCConfig, vocab_size: int, max_sequence_length: int,
+                 pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
+                 rotary_base: int = 10000, vp_stage: int | None = None, use_te: bool | None = None) -> None:
+        super().__init__(
+            config=config,
+            transformer_layer_spec=block_spec(config, use_te=use_te, vp_stage=vp_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            vp_stage=vp_stage,
+        )
+        self.memory_bank = None
+        layers = self.memory_layers()
+        if layers and config.moc_shared_bank:
+            ep_rank, ep_size, _ = expert_parallel_layout()
+            self.memory_bank = MemoryBank(config, ep_rank, ep_size)
+            self.memory_bank.pipeline_replica = _bank_pipeline_replica(self)
+            for layer in layers:
+                layer.set_shared_bank(self.memory_bank)
+
+    def memory_layers(self) -> list[MoCMemoryAttention]:
+        """The memory-read modules of the layers on this stage."""
+        return [m for m in self.decoder.modules() if isinstance(m, MoCMemoryAttention)]
+
+
+def _bank_pipeline_replica(model: MoCGPTModel) -> int:
+    """0 on the pipeline stage holding the first memory layer, 1 on other stages (their copies)."""
+    config = model.config
+    if config.pipeline_model_parallel_size == 1:
+        return 0
+    first_memory_layer = min(config.moc_memory_layers)
+    offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
+    return 0 if offset <= first_memory_layer < offset + len(model.decoder.layers) else 1
+
