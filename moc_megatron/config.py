@@ -74,6 +74,10 @@ class MoCConfig(TransformerConfig):
     """Seed of the bank's initialisation; every parallel layout draws the same bank from it."""
 
     def __post_init__(self) -> None:
+        if self.moc_memory_layers and self.num_moe_experts is None:
+            # Chapters are megatron's experts: this enables expert parallelism and makes megatron's
+            # pipeline schedules scale the router aux losses. The layer specs build no MoE MLPs.
+            self.num_moe_experts = max(self.moc_num_chapters - self.moc_num_shared_chapters, 1)
         super().__post_init__()
         if self.moc_num_heads is None:
             self.moc_num_heads = self.num_attention_heads

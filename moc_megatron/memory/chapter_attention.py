@@ -44,10 +44,11 @@ def chapter_attention(
     k_sel = keys[index]  # [n, k, T, g, e]
     v_sel = values[index]
     q = query.view(n, u, g, h // g, e)
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
     if gating == "paper":
         k_sel = (k_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
         v_sel = (v_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
-        scores = torch.einsum("nugre,nmge->ngrum", q, k_sel).float() * softmax_scale
+        scores = torch.einsum("nugre,nmge->ngrum", q, k_sel).to(softmax_dtype) * softmax_scale
         mask = valid.repeat_interleave(t, dim=1).view(n, 1, 1, 1, k * t)
         scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [n, g, r, u]
@@ -56,7 +57,7 @@ def chapter_attention(
         out = torch.einsum("ngrum,nmge->nugre", probs, v_sel).reshape(n, u, h, e)
         return out, lse.permute(0, 3, 1, 2).reshape(n, u, h)
     if gating == "mixture":
-        scores = torch.einsum("nugre,nktge->ngrukt", q, k_sel).float() * softmax_scale
+        scores = torch.einsum("nugre,nktge->ngrukt", q, k_sel).to(softmax_dtype) * softmax_scale
         probs = torch.softmax(scores, dim=-1).to(query.dtype) * w.view(n, 1, 1, 1, k, 1)
         out = torch.einsum("ngrukt,nktge->nugre", probs, v_sel).reshape(n, u, h, e)
         return out, None
@@ -76,9 +77,9 @@ def merge_partials(
     shape = (num_units, *outs.shape[1:])
     if lses is None:
         return outs.new_zeros(shape).index_add(0, unit_index, outs)
-    lses = lses.float()
+    lses = lses.to(torch.promote_types(lses.dtype, torch.float32))
     # The per-unit maximum only keeps exp() in range; any constant gives the same result.
-    peak = torch.full((num_units, *lses.shape[1:]), float("-inf"), device=lses.device)
+    peak = torch.full((num_units, *lses.shape[1:]), float("-inf"), dtype=lses.dtype, device=lses.device)
     peak = peak.scatter_reduce(0, unit_index.view(-1, 1, 1).expand_as(lses), lses.detach(), "amax")
     peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
     scaled = torch.exp(lses - peak[unit_index])

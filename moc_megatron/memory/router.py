@@ -68,8 +68,9 @@ class ChapterRouter(nn.Module):
             config.init_method(self.weight)
 
     def forward(self, unit_features: torch.Tensor) -> Routing:
-        """Route ``[N, h]`` unit features; computed in fp32 like megatron's MoE router."""
-        logits = torch.nn.functional.linear(unit_features.float(), self.weight.float(), self.bias.float())
+        """Route ``[N, h]`` unit features; in at least fp32, like megatron's MoE router."""
+        dtype = torch.promote_types(unit_features.dtype, torch.float32)
+        logits = torch.nn.functional.linear(unit_features.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
         probs = torch.softmax(logits, dim=-1)
         topk_probs, chapters = torch.topk(probs, self.config.moc_top_k, dim=-1)
         return Routing(logits=logits, probs=probs, chapters=chapters, topk_probs=topk_probs)

@@ -1,0 +1,103 @@
+"""Writing Megatron indexed datasets (``.bin``/``.idx``) safely, with megatron-core's IndexedDatasetBuilder.
+
+Every output is first written into a hidden temporary folder next to the final files and moved into
+place only when the whole run succeeded (:class:`StagedOutputs`). A run that fails or is interrupted
+therefore never leaves a ``.bin``/``.idx`` pair that looks complete, and never touches the outputs of an
+earlier run. (A run killed with SIGKILL can leave the hidden ``.{name}.tmp-*`` folder behind; it holds
+no file under a final name.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def optimal_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
+    """Token dtype for ``vocab_size``: megatron-core's ``DType.optimal_dtype`` rule, without importing it."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def open_builder(bin_path: str, dtype: Any) -> Any:
+    """A megatron-core ``IndexedDatasetBuilder`` writing ``bin_path``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    return IndexedDatasetBuilder(bin_path, dtype=dtype)
+
+
+def add_documents(builder: Any, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Append one single-sequence document per entry of ``lengths``, taken in order from ``tokens``."""
+    offset = 0
+    for length in lengths.tolist():
+        builder.add_document(tokens[offset : offset + length], [length])
+        offset += length
+
+
+def finalize(builder: Any, prefix: str) -> None:
+    """Close ``builder``'s ``.bin`` and write ``prefix.idx``."""
+    builder.finalize(prefix + ".idx")
+
+
+def merge(prefixes: Sequence[str], out_prefix: str, dtype: Any) -> None:
+    """Concatenate indexed datasets, in order, into ``out_prefix``."""
+    builder = open_builder(out_prefix + ".bin", dtype)
+    for prefix in prefixes:
+        builder.add_index(prefix)
+    finalize(builder, out_prefix)
+
+
+class StagedOutputs:
+    """A hidden temporary folder beside the outputs; :meth:`commit` moves staged files to their final names.
+
+    Use as a context manager: the folder is removed on exit, whether or not the run succeeded.
+    """
+
+    def __init__(self, output_prefix: str) -> None:
+        self.final_dir = os.path.dirname(os.path.abspath(output_prefix))
+        os.makedirs(self.final_dir, exist_ok=True)
+        name = os.path.basename(output_prefix) or "out"
+        self.tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.final_dir)
+        self._staged: list[tuple[str, str]] = []
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def stage(self, final_path: str) -> str:
+        """Temporary path to write instead of ``final_path``; it is moved there by :meth:`commit`."""
+        tmp_path = os.path.join(self.tmp_dir, f"{len(self._staged)}_{os.path.basename(final_path)}")
+        self._staged.append((tmp_path, final_path))
+        return tmp_path
+
+    def stage_dataset(self, final_prefix: str) -> str:
+        """Temporary prefix to write an indexed dataset to instead of ``final_prefix``."""
+        tmp_prefix = os.path.join(self.tmp_dir, f"{len(self._staged)}_{os.path.basename(final_prefix)}")
+        self._staged.append((tmp_prefix + ".bin", final_prefix + ".bin"))
+        self._staged.append((tmp_prefix + ".idx", final_prefix + ".idx"))
+        return tmp_prefix
+
+    def scratch(self, name: str) -> str:
+        """A path in the temporary folder for intermediate files that are never committed."""
+        return os.path.join(self.tmp_dir, name)
+
+    def commit(self) -> list[str]:
+        """Move every staged file into place; ``.idx`` files last, so a pair is complete only at the end."""
+        for _, final in self._staged:
+            if final.endswith(".idx") and os.path.exists(final):
+                # An older idx beside a half-replaced bin would look like a complete dataset.
+                os.unlink(final)
+        ordered = sorted(self._staged, key=lambda pair: pair[1].endswith(".idx"))
+        for tmp, final in ordered:
+            os.replace(tmp, final)
+        return [final for _, final in self._staged]
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder and whatever is left in it."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
