@@ -74,9 +74,14 @@ class MoCConfig(TransformerConfig):
     """Seed of the bank's initialisation; every parallel layout draws the same bank from it."""
 
     def __post_init__(self) -> None:
-        if self.moc_memory_layers and self.num_moe_experts is None:
-            # Chapters are megatron's experts: this enables expert parallelism and makes megatron's
-            # pipeline schedules scale the router aux losses. The layer specs build no MoE MLPs.
+        if self.moc_memory_layers and self.expert_model_parallel_size > 1 and self.num_moe_experts is None:
+            # Routed chapters are megatron's experts: megatron-core allows expert parallelism only with
+            # num_moe_experts set. The layer specs build no MoE MLPs from it.
+            if self.add_bias_linear and self.tensor_model_parallel_size > 1:
+                raise ValueError(
+                    "expert-model-parallel-size > 1 with tensor-model-parallel-size > 1 needs "
+                    "add_bias_linear=False (megatron-core allows no biases with expert tensor parallelism)"
+                )
             self.num_moe_experts = max(self.moc_num_chapters - self.moc_num_shared_chapters, 1)
         super().__post_init__()
         if self.moc_num_heads is None:

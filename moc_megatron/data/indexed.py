@@ -24,10 +24,10 @@ def optimal_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedi
 
 
 def open_builder(bin_path: str, dtype: Any) -> Any:
-    """A megatron-core ``IndexedDatasetBuilder`` writing ``bin_path``."""
+    """A megatron-core ``IndexedDatasetBuilder`` writing ``bin_path`` (``dtype``: numpy type or its name)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    return IndexedDatasetBuilder(bin_path, dtype=dtype)
+    return IndexedDatasetBuilder(bin_path, dtype=np.dtype(dtype).type)
 
 
 def add_documents(builder: Any, tokens: np.ndarray, lengths: np.ndarray) -> None:

@@ -14,7 +14,8 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -218,3 +219,25 @@ def iter_chunks(segments: Sequence[Segment], chunk_bytes: int) -> Iterator[tuple
                 yield Chunk(index, line, data), disk.tell() - last_disk
                 last_disk = disk.tell()
                 line += data.count(b"\n")
+
+
+def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
+    """Write records as jsonl (gzip for ``.gz``) under a temporary name, renamed on success; returns the count."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=out_dir)
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if is_gzip(path) else raw  # type: ignore[assignment]
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+                count += 1
+            if f is not raw:
+                f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return count

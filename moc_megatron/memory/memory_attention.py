@@ -102,20 +102,18 @@ class MoCMemoryAttention(MegatronModule):
         """Memory read of ``hidden_states`` ``[s, b, h]`` (sequence-sharded under SP)."""
         cfg = self.config
         if cfg.sequence_parallel and _tensor_parallel_size() > 1:
-            query_input = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True)
-            # The router's gradient is already complete on every rank: split it, do not sum it.
-            router_input = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        else:
-            query_input = router_input = hidden_states
-        s, b, _ = query_input.shape
+            # W_Q's column-parallel backward already all-reduces its input gradient and the router's
+            # is complete on every rank, so the gather's backward keeps this rank's slice, no sum.
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        s, b, _ = hidden_states.shape
 
-        routing = self.router(pool_routing_units(router_input, cfg.moc_routing_unit, cfg.moc_chunk_size))
+        routing = self.router(pool_routing_units(hidden_states, cfg.moc_routing_unit, cfg.moc_chunk_size))
         shared_w, routed_w = chapter_weights(routing, cfg)
         # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
         shared_w = copy_to_tensor_model_parallel_region(shared_w)
         routed_w = copy_to_tensor_model_parallel_region(routed_w)
 
-        query = self.linear_q(query_input)[0].view(s, b, self.num_heads, self.head_dim)
+        query = self.linear_q(hidden_states)[0].view(s, b, self.num_heads, self.head_dim)
         query = self._to_units(query)
         sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
         keys, values, selected = self._routed_keys_values(sent.local_chapters)

@@ -1,0 +1,218 @@
+"""Command line of ``pretrain_moc.py``: Megatron-LM's flag names, ``--moc-*`` memory flags, ``--preset``.
+
+Precedence: an explicit flag > the ``--preset`` value > the built-in default. Flags that Megatron-LM
+has keep its name, meaning and default; ``--moc-*`` flags are generated from ``MoCConfig``
+(``moc_flags.py``). :func:`parse_args` also validates the combination and fills derived values
+(``validate_args.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from moc_megatron.presets import PRESETS, Preset, get_preset
+from moc_megatron.training.moc_flags import add_moc_config_flags, add_moc_training_flags
+from moc_megatron.training.validate_args import ArgumentsError, validate_args
+
+
+def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network size")
+    g.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, default=None, help="Transformer hidden size.")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="MLP hidden size (default 4*hidden, or 2/3 of that rounded to 64 with --swiglu).")
+    g.add_argument("--num-attention-heads", type=int, default=None, help="Number of attention heads.")
+    g.add_argument("--group-query-attention", action="store_true", help="Accepted for Megatron-LM compatibility.")
+    g.add_argument("--num-query-groups", type=int, default=None, help="Key/value heads (default: attention heads).")
+    g.add_argument("--kv-channels", type=int, default=None, help="Head width (default hidden/heads).")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: --seq-length.")
+    g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base period.")
+    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of the norms.")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated linear unit with SiLU).")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
+                   help="No biases in the linear layers.")
+    g.add_argument("--qk-layernorm", action="store_true", help="Norm on queries and keys.")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="Separate input embedding and output layer weights.")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Pad the vocabulary to a multiple of this times the tensor-parallel size.")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="Std of the weight initialisation.")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="Ranks the routed chapters of the memory bank are split over.")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="Layers per virtual pipeline stage (interleaved 1F1B schedule).")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="Virtual pipeline stages per pipeline rank (interleaved 1F1B schedule).")
+    g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallelism (with TP > 1).")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard optimizer state over data-parallel ranks.")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap DP gradient reduction with backward.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="Overlap the distributed optimizer's parameter all-gather with forward.")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--use-cpu-initialization", action="store_true", help="Initialise weights on the CPU.")
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="Sequences per micro-batch per DP rank.")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Sequences per step (default micro-batch-size * data-parallel size).")
+    g.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for.")
+    g.add_argument("--seed", type=int, default=1234, help="Random seed (also seeds the memory bank).")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 main weights.")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="Accumulate and reduce gradients in fp32 (always on with --bf16).")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+
+def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("learning rate and regularisation")
+    g.add_argument("--lr", type=float, default=None, help="Peak learning rate (backbone).")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Minimum learning rate (backbone).")
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: --train-iters.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="Warmup as a fraction of decay iters.")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="Learning rate at the start of warmup.")
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="Iterations of the WSD final decay.")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="Use these flags' schedule, not the checkpoint's.")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="Use the checkpoint's schedule values.")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant", choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient clipping by global norm (0: off).")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="Directory to save checkpoints to.")
+    g.add_argument("--save-interval", type=int, default=None, help="Iterations between checkpoint saves.")
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--load", default=None, help="Directory to resume from (latest_checkpointed_iteration.txt).")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load only the model weights and start at iteration 0.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="Save the distributed optimizer's state so it loads at any parallel layout.")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="Dataset prefixes, optionally weighted: 0.7 a_text_document 0.3 b_text_document.")
+    g.add_argument("--train-data-path", nargs="*", default=None)
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--split", default="969, 30, 1", help="Train/valid/test proportions of --data-path.")
+    g.add_argument("--mock-data", action="store_true", help="Synthetic data (megatron's MockGPTDataset).")
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--tokenizer-type", default=None, choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="Vocabulary size when there is no tokenizer.")
+    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
+    g.add_argument("--num-workers", type=int, default=2, help="Data-loader worker processes.")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``pretrain_moc.py`` parser (no preset applied)."""
+    parser = argparse.ArgumentParser(
+        description="Pretrain a Mixture-of-Chapters language model on megatron-core.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="Named model whose settings are the defaults; explicit flags override them.")
+    for add in (_add_network_size_args, _add_parallel_args, _add_training_args, _add_learning_rate_args,
+                _add_checkpointing_args, _add_data_args, _add_logging_args):
+        add(parser)
+    add_moc_config_flags(parser)
+    add_moc_training_flags(parser)
+    return parser
+
+
+def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Argument defaults (dest -> value) that a preset supplies."""
+    dests = {action.dest for action in parser._actions}
+    defaults: dict[str, Any] = {}
+    for key, value in preset.config.items():
+        if key == "gated_linear_unit":
+            defaults["swiglu"] = bool(value)  # the presets' gated MLPs are SwiGLU (DESIGN.md section 2)
+        elif key == "layernorm_epsilon":
+            defaults["norm_epsilon"] = value
+        else:
+            defaults[key] = value
+    defaults.update(
+        vocab_size=preset.vocab_size,
+        seq_length=preset.seq_length,
+        untie_embeddings_and_output_weights=not preset.tie_embeddings,
+        rotary_base=preset.rotary_base,
+    )
+    defaults.update(preset.training)
+    unknown = sorted(set(defaults) - dests)
+    if unknown:
+        raise ArgumentsError(f"preset {preset.name!r} sets {unknown}, which no command-line flag takes")
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
+               exit_on_error: bool = True) -> argparse.Namespace:
+    """Parse, apply ``--preset``, validate and derive (``data_parallel_size``, ``num_microbatches``, ...).
+
+    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it). With ``exit_on_error`` a bad
+    combination prints the message and exits with status 2; otherwise :class:`ArgumentsError` is raised.
+    """
+    parser = build_parser()
+    try:
+        known, _ = parser.parse_known_args(argv)
+        if known.preset is not None:
+            parser.set_defaults(**preset_defaults(get_preset(known.preset), parser))
+        args = parser.parse_args(argv)
+        args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        validate_args(args)
+    except ArgumentsError as exc:
+        if exit_on_error:
+            parser.error(str(exc))
+        raise
+    return args
