@@ -11,29 +11,27 @@ from launch import run_distributed
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).parent / "workers" / "memory_layout_worker.py"
+CASES = ["sequence:paper", "token:mixture", "chunk:paper", "chunk:mixture", "token:paper"]
 
 
-def run_layout(tmp_path: Path, tp: int, ep: int, unit: str, gating: str, sp: bool = False) -> dict:
-    out = tmp_path / f"tp{tp}_ep{ep}_sp{int(sp)}_{unit}_{gating}.pt"
-    env = {"TP": str(tp), "EP": str(ep), "SP": str(int(sp)), "UNIT": unit, "GATING": gating, "OUT": str(out)}
-    run_distributed(WORKER, nprocs=tp * ep, env=env, timeout=240)
+def run_layout(tmp_dir: Path, tp: int, ep: int, sp: bool = False) -> dict:
+    out = tmp_dir / f"tp{tp}_ep{ep}_sp{int(sp)}.pt"
+    env = {"TP": str(tp), "EP": str(ep), "SP": str(int(sp)), "CASES": ",".join(CASES), "OUT": str(out)}
+    run_distributed(WORKER, nprocs=tp * ep, env=env, timeout=300)
     return torch.load(out)
 
 
-LAYOUTS = [
-    # (tp, ep, sp, unit, gating)
-    (1, 2, False, "sequence", "paper"),
-    (1, 2, False, "token", "mixture"),
-    (2, 1, False, "chunk", "paper"),
-    (2, 1, True, "chunk", "mixture"),
-    (2, 2, True, "token", "paper"),
-]
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return run_layout(tmp_path_factory.mktemp("memory_ref"), 1, 1)
 
 
-@pytest.mark.parametrize("tp, ep, sp, unit, gating", LAYOUTS)
-def test_parallel_layout_equals_single_process(tmp_path, tp, ep, sp, unit, gating):
-    reference = run_layout(tmp_path, 1, 1, unit, gating)
-    parallel = run_layout(tmp_path, tp, ep, unit, gating, sp)
-    assert reference["out"].abs().max() > 0 and reference["bank_routed_grad"].abs().max() > 0
-    for name, want in reference.items():
-        torch.testing.assert_close(parallel[name], want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+@pytest.mark.parametrize("tp, ep, sp", [(1, 2, False), (2, 1, False), (2, 1, True), (2, 2, True)],
+                         ids=["ep2", "tp2", "tp2-sp", "tp2-ep2-sp"])
+def test_parallel_layout_equals_single_process(tmp_path, reference, tp, ep, sp):
+    parallel = run_layout(tmp_path, tp, ep, sp)
+    for case in CASES:
+        assert reference[case]["out"].abs().max() > 0 and reference[case]["bank_routed_grad"].abs().max() > 0
+        for name, want in reference[case].items():
+            torch.testing.assert_close(parallel[case][name], want, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, n=f"{case} {name}": f"{n}: {m}")

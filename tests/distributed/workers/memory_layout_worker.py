@@ -1,7 +1,7 @@
 """Runs one MoC memory layer under a TP x EP layout and saves full outputs and gradients.
 
-Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, UNIT,
-GATING, OUT (file written by rank 0). The data batch is split over the data-parallel ranks (the
+Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, SP,
+CASES (comma-separated ``unit:gating`` pairs), OUT (file written by rank 0: one result per case). The data batch is split over the data-parallel ranks (the
 expert-parallel ranks are data-parallel ranks too, as in megatron); the saved tensors are reassembled
 so that every layout must produce the single-process values.
 """
@@ -39,10 +39,21 @@ def main() -> None:
     tp, ep = int(os.environ["TP"]), int(os.environ["EP"])
     sp = os.environ.get("SP", "0") == "1"
     initialize_distributed(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    results = {}
+    for case in os.environ["CASES"].split(","):
+        unit, gating = case.split(":")
+        results[case] = run_case(tp, ep, sp, unit, gating)
+    if dist.get_rank() == 0:
+        torch.save(results, os.environ["OUT"])
+    destroy_distributed()
+
+
+def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str) -> dict[str, torch.Tensor]:
+    """Forward and backward of one memory layer; returns full (reassembled) tensors."""
     config = MoCConfig(
         num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, moc_memory_layers=[0], moc_num_chapters=9,
         moc_num_shared_chapters=1, moc_top_k=3, moc_chapter_size=4, moc_shared_bank=False, moc_chunk_size=4,
-        moc_num_query_groups=2, moc_routing_unit=os.environ["UNIT"], moc_gating=os.environ["GATING"],
+        moc_num_query_groups=2, moc_routing_unit=unit, moc_gating=gating,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=sp, use_cpu_initialization=True,
         params_dtype=torch.float64, moc_load_balance_coeff=0.0, moc_z_loss_coeff=0.0, add_bias_linear=False,
     )
@@ -72,7 +83,7 @@ def main() -> None:
     if sp:
         out, input_grad = gather_cat(out, tp_group, 0), gather_cat(input_grad, tp_group, 0)
     ep_group = ps.get_expert_model_parallel_group()
-    result = {
+    return {
         "out": gather_cat(out, dp_group, dim=1),
         "input_grad": gather_cat(input_grad, dp_group, dim=1),
         "bank_routed_grad": gather_cat(module.own_bank.routed.grad, ep_group, dim=0),
@@ -83,9 +94,6 @@ def main() -> None:
         "k_grad": gather_cat(summed(module.linear_k.weight.grad, dp_group), tp_group, dim=0),
         "o_grad": gather_cat(summed(module.linear_o.weight.grad, dp_group), tp_group, dim=1),
     }
-    if dist.get_rank() == 0:
-        torch.save(result, os.environ["OUT"])
-    destroy_distributed()
 
 
 if __name__ == "__main__":
