@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.nn.functional as F
+
 _PAPER_BACKBONE: dict[str, Any] = dict(
     num_layers=16,
     hidden_size=768,
@@ -12,6 +14,7 @@ _PAPER_BACKBONE: dict[str, Any] = dict(
     num_query_groups=4,
     ffn_hidden_size=2304,
     gated_linear_unit=True,
+    activation_func=F.silu,
     normalization="RMSNorm",
     add_bias_linear=False,
 )
@@ -83,6 +86,7 @@ PRESETS: dict[str, Preset] = {
                 num_query_groups=2,
                 ffn_hidden_size=384,
                 gated_linear_unit=True,
+                activation_func=F.silu,
                 normalization="RMSNorm",
                 add_bias_linear=False,
                 moc_memory_layers=[1, 3],
