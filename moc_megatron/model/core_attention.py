@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -38,10 +39,16 @@ class SDPACoreAttention(MegatronModule):
             k = k.repeat_interleave(h // k.shape[1], dim=1)
             v = v.repeat_interleave(h // v.shape[1], dim=1)
         dropout = self.dropout if self.training else 0.0
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
+        mask = None if attention_mask is None else ~attention_mask
+        if dropout > 0 and not self.config.sequence_parallel:
+            # Heads are split over tensor-parallel ranks: each rank draws its own dropout mask, from
+            # the model-parallel RNG stream, as megatron's DotProductAttention does.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self._attend(q, k, v, mask, dropout)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
+            out = self._attend(q, k, v, mask, dropout)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _attend(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=dropout, scale=self.softmax_scale)

@@ -7,7 +7,7 @@ never asks which platform it runs on:
     from moc_megatron import platform
     platform.initialize_distributed(tensor_model_parallel_size=2)
     platform.model_parallel_manual_seed(1234)
-    config = TransformerConfig(..., **platform.pipeline_config_overrides())
+    config = TransformerConfig(**{**fields, **platform.transformer_config_overrides()})
     batch = batch.to(platform.get_device())
 """
 
@@ -16,6 +16,7 @@ from moc_megatron.platform.device import (
     get_device,
     init_platform,
     pipeline_config_overrides,
+    transformer_config_overrides,
     using_gpu,
 )
 from moc_megatron.platform.distributed import (
@@ -32,5 +33,6 @@ __all__ = [
     "initialize_distributed",
     "model_parallel_manual_seed",
     "pipeline_config_overrides",
+    "transformer_config_overrides",
     "using_gpu",
 ]

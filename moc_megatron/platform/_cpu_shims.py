@@ -201,7 +201,13 @@ def wrap_in_cuda_tensor_methods(owner: Any, name: str, *also_bound_in: types.Mod
     """Replace ``owner.name`` (a function or method) by a wrapper that runs it inside
     ``cuda_tensor_methods_on_cpu()``; ``also_bound_in`` are modules that imported the same function
     by name and get the wrapper too. Idempotent."""
-    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    # For a class, only a function defined on the class itself (not inherited, not a static/class method).
+    original = vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name, None)
+    if not isinstance(original, types.FunctionType):
+        raise RuntimeError(
+            f"moc_megatron.platform: {owner.__name__}.{name} is not a function defined there; "
+            "megatron-core's layout changed, update platform/cpu_adapter.py"
+        )
     if getattr(original, "_moc_cpu_wrapped", False):
         return
     for module in also_bound_in:

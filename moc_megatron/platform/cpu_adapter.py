@@ -66,7 +66,7 @@ def tensor_parallel_layers() -> None:
     """Column/row-parallel layers and their collectives allocate on the CPU.
 
     tensor_parallel/layers.py:261,597,607,873,899,1197,1218 (weights when use_cpu_initialization is
-    False), :552 (sequence-parallel all-gather in backward); tensor_parallel/mappings.py:91,141,148,181
+    False), :552 (sequence-parallel reduce-scatter of the input gradient); tensor_parallel/mappings.py:91,141,148,181
     (gather/reduce-scatter along first dim), :442 (all_to_all); tensor_parallel/utils.py:70,91
     (split/gather 1d chunks for distribute_saved_activations).
     """
@@ -212,20 +212,18 @@ def optimizer_type_checks() -> None:
 
 @_adaptation
 def dist_checkpointing_save() -> None:
-    """``dist_checkpointing.save`` (torch_dist, optionally fully parallel) works on the CPU.
+    """``dist_checkpointing.save`` (torch_dist strategy, also wrapped in
+    ``FullyParallelSaveStrategyWrapper``) works on the CPU.
 
     dist_checkpointing/strategies/filesystem_async.py:230 (``torch.cuda.synchronize``);
-    strategies/state_dict_saver.py:204,252 (result tensors on the CUDA device);
-    strategies/fully_parallel.py:272,281 (``torch.cuda.synchronize``). Saving also needs ``psutil``
-    and a ``__main__`` guard in the entry script (filesystem_async.py:54 starts a spawn Manager).
+    strategies/state_dict_saver.py:204,252 (result tensors on the CUDA device). Saving also needs
+    ``psutil`` and a ``__main__`` guard in the entry script (filesystem_async.py:54 starts a spawn
+    Manager). Loading works as shipped, except ``FullyParallelLoadStrategyWrapper``, which is not
+    adapted (strategies/exchange_utils.py:98-110,326,336,499 allocate on CUDA).
     """
-    from megatron.core.dist_checkpointing.strategies import (
-        filesystem_async,
-        fully_parallel,
-        state_dict_saver,
-    )
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
 
-    for module in (filesystem_async, state_dict_saver, fully_parallel):
+    for module in (filesystem_async, state_dict_saver):
         bind_cpu_torch(module)
 
 

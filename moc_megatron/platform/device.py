@@ -51,14 +51,23 @@ def init_platform() -> None:
     _initialized = True
 
 
-def pipeline_config_overrides() -> dict[str, object]:
-    """``TransformerConfig`` fields this platform needs for megatron-core's pipeline schedules.
+def transformer_config_overrides() -> dict[str, object]:
+    """``TransformerConfig`` fields this platform must force, to merge over the training config.
 
-    Merge them into the config (``TransformerConfig(**fields, **pipeline_config_overrides())``) so
-    the training code never asks which platform it runs on. Empty on a GPU.
+    ``TransformerConfig(**{**fields, **platform.transformer_config_overrides()})`` lets the training code
+    enable CUDA-only fusions without asking which platform it runs on. Empty on a GPU; on a CPU it
+    switches off the fusions that need CUDA extensions (they raise at model construction without
+    them). megatron-core's pipeline schedules need no override on gloo: batched p2p
+    (``batch_p2p_comm=True``, the default) works once ``torch.cuda.synchronize`` is adapted.
     """
     if using_gpu():
         return {}
-    # gloo has no batched (coalesced) send/recv; megatron's batch_isend_irecv path also
-    # synchronises the device after every exchange (p2p_communication.py:398).
-    return {"batch_p2p_comm": False}
+    return {
+        "gradient_accumulation_fusion": False,  # fused_weight_gradient_mlp_cuda (tensor_parallel/layers.py)
+        "apply_rope_fusion": False,  # Transformer Engine fused RoPE
+        "persist_layer_norm": False,  # Apex persistent LayerNorm kernel
+    }
+
+
+# Earlier name of transformer_config_overrides (moc_megatron/training/config_from_args.py uses it).
+pipeline_config_overrides = transformer_config_overrides

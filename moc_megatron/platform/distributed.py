@@ -1,4 +1,8 @@
-"""Process-group setup and seeding, the same calls on every platform."""
+"""Process-group setup and seeding, the same calls on every platform.
+
+megatron-core is imported inside the functions, so that ``from moc_megatron import platform`` stays
+cheap for code that only needs the device.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
 from moc_megatron.platform.device import dist_backend, init_platform
 
@@ -39,6 +42,8 @@ def initialize_distributed(
     An existing process group is reused. Calling it again re-creates the model-parallel groups
     with the new sizes, so one process can try several layouts.
     """
+    from megatron.core import parallel_state
+
     init_platform()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
@@ -73,6 +78,8 @@ def model_parallel_manual_seed(seed: int) -> None:
     and ``tensor_parallel.checkpoint`` (activation recompute) work. On a CPU the tracker holds CPU
     generator states (see ``cpu_rng.py``). Needs the model-parallel groups to exist.
     """
+    from megatron.core import tensor_parallel
+
     init_platform()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -80,6 +87,8 @@ def model_parallel_manual_seed(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """Tear down megatron-core's model-parallel state and the process group (for tests and scripts)."""
+    from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
