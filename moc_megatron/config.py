@@ -74,6 +74,10 @@ class MoCConfig(TransformerConfig):
     """Seed of the bank's initialisation; every parallel layout draws the same bank from it."""
 
     def __post_init__(self) -> None:
+        if self.moc_memory_layers:
+            # Memory layers have parameters the others lack: checkpoint every layer under its own index
+            # (decoder.layers.N.*) instead of megatron's stacked [num_layers, ...] tensors.
+            self.hetereogenous_dist_checkpoint = True
         if self.moc_memory_layers and self.expert_model_parallel_size > 1 and self.num_moe_experts is None:
             # Routed chapters are megatron's experts: megatron-core allows expert parallelism only with
             # num_moe_experts set. The layer specs build no MoE MLPs from it.

@@ -8,6 +8,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTe
 from torch import nn
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.platform import get_device
 
 
 class _GatherRowsIntoGrad(torch.autograd.Function):
@@ -28,15 +29,18 @@ class _GatherRowsIntoGrad(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):  # noqa: D102
         (index,) = ctx.saved_tensors
         weight = ctx.weight
-        target = getattr(weight, "main_grad", None)
-        if target is None:
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
-            target = weight.grad
-        else:
-            weight.grad_added_to_main_grad = True
-        target.index_add_(0, index, grad_output.to(target.dtype))
-        return None, None
+            weight.grad.index_add_(0, index, grad_output.to(weight.grad.dtype))
+            return None, None
+        main_grad.index_add_(0, index, grad_output.to(main_grad.dtype))
+        # As megatron's gradient-accumulation fusion does: an uninitialised placeholder gradient (never
+        # read: grad_added_to_main_grad tells DDP's hook to skip it) keeps DDP's grad-ready hooks firing,
+        # which overlapped gradient reduction needs.
+        weight.grad_added_to_main_grad = True
+        return torch.empty_like(weight, requires_grad=False), None
 
 
 def gather_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,7 @@ class MemoryBank(nn.Module):
         self.num_local_routed = routed_total // ep_size
         self.routed_offset = ep_rank * self.num_local_routed
         shape = (config.moc_chapter_size, config.moc_bank_dim)
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = None if config.use_cpu_initialization else get_device()
         self.shared = nn.Parameter(
             torch.empty(config.moc_num_shared_chapters, *shape, dtype=config.params_dtype, device=device)
         )

@@ -17,6 +17,7 @@ def chapter_attention(
     weights: torch.Tensor,
     gating: str,
     softmax_scale: float,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attend every unit's queries to its selected chapters.
 
@@ -29,6 +30,9 @@ def chapter_attention(
         gating: ``paper``: keys and values of each chapter are scaled by its weight and one softmax
             spans all selected tokens; ``mixture``: one softmax per chapter, outputs summed with the
             weights.
+        need_lse: ``False`` when this is the whole read (no partials to merge) and every ``selected``
+            index is valid: paper gating then runs one fused ``scaled_dot_product_attention`` (its own
+            softmax and backward, no log-sum-exp) and returns ``(out, None)``.
 
     Returns:
         ``(out [n, u, h, e], lse [n, u, h])`` for ``paper`` (``out`` normalised over the tokens
@@ -41,13 +45,22 @@ def chapter_attention(
     valid = selected >= 0
     index = selected.clamp(min=0)
     w = (weights * valid).to(query.dtype)
-    k_sel = keys[index]  # [n, k, T, g, e]
-    v_sel = values[index]
+    # index_select's backward is index_add (fast); advanced indexing's is an accumulating index_put (slow on CPU).
+    k_sel = keys.index_select(0, index.flatten()).view(n, k, t, g, e)
+    v_sel = values.index_select(0, index.flatten()).view(n, k, t, g, e)
     q = query.view(n, u, g, h // g, e)
     softmax_dtype = torch.promote_types(query.dtype, torch.float32)
     if gating == "paper":
         k_sel = (k_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
         v_sel = (v_sel * w.view(n, k, 1, 1, 1)).reshape(n, k * t, g, e)
+        if not need_lse:
+            # Same softmax(q k_sel^T * scale) v_sel, fused: query head j reads key/value head j // (h // g),
+            # as in the view of q below.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.transpose(1, 2), k_sel.transpose(1, 2), v_sel.transpose(1, 2),
+                scale=softmax_scale, enable_gqa=g != h,
+            )
+            return out.transpose(1, 2), None
         scores = torch.einsum("nugre,nmge->ngrum", q, k_sel).to(softmax_dtype) * softmax_scale
         mask = valid.repeat_interleave(t, dim=1).view(n, 1, 1, 1, k * t)
         scores = scores.masked_fill(~mask, float("-inf"))

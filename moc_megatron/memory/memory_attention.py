@@ -109,24 +109,52 @@ class MoCMemoryAttention(MegatronModule):
 
         routing = self.router(pool_routing_units(hidden_states, cfg.moc_routing_unit, cfg.moc_chunk_size))
         shared_w, routed_w = chapter_weights(routing, cfg)
-        # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
-        shared_w = copy_to_tensor_model_parallel_region(shared_w)
-        routed_w = copy_to_tensor_model_parallel_region(routed_w)
 
         query = self.linear_q(hidden_states)[0].view(s, b, self.num_heads, self.head_dim)
         query = self._to_units(query)
-        sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
-        keys, values, selected = self._routed_keys_values(sent.local_chapters)
-        routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
-                                   self.softmax_scale)
-        shared = self._shared_partial(query, shared_w)
-        out = self.dispatcher.combine(*routed, extra=shared)
+        if self.dispatcher.ep_size == 1:  # every chapter is here: nothing to send, no partials to merge
+            out = self._local_read(query, routing.chapters, shared_w, routed_w)
+        else:
+            # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
+            shared_w = copy_to_tensor_model_parallel_region(shared_w)
+            routed_w = copy_to_tensor_model_parallel_region(routed_w)
+            sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
+            keys, values, selected = self._routed_keys_values(sent.local_chapters)
+            routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
+                                       self.softmax_scale)
+            shared = self._shared_partial(query, shared_w)
+            out = self.dispatcher.combine(*routed, extra=shared)
         out = self._from_units(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
 
         output, bias = self.linear_o(out)
         if self.training and torch.is_grad_enabled():
             output = attach_router_losses(output, routing, cfg, self.layer_number)
         return output, bias
+
+    def _local_read(self, query: torch.Tensor, chapters: torch.Tensor, shared_w: torch.Tensor,
+                    routed_w: torch.Tensor) -> torch.Tensor:
+        """The read when every chapter lives on this rank: shared and routed chapters in one attention call.
+
+        The same single softmax over all selected tokens as the dispatched path, without partials to
+        merge: K/V of the shared chapters and of every routed chapter with traffic are projected in one
+        matmul, and each unit reads its shared chapters followed by its routed ones.
+        """
+        used, selected = self._chapters_with_traffic(chapters)
+        tokens = self.routed_norm(self.bank.routed_rows(used))
+        weights = routed_w
+        num_shared = self.config.moc_num_shared_chapters
+        if num_shared:
+            tokens = torch.cat([self.shared_norm(self.bank.shared), tokens])
+            shared_sel = torch.arange(num_shared, device=chapters.device).expand(chapters.shape[0], num_shared)
+            selected = torch.cat([shared_sel, selected + num_shared], dim=1)
+            weights = torch.cat([shared_w, routed_w], dim=1)
+        # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied after the
+        # cat: megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
+        weights = copy_to_tensor_model_parallel_region(weights)
+        keys, values = self._project(tokens)
+        out, _ = chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
+                                   self.softmax_scale, need_lse=False)
+        return out
 
     def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[c, T, g, e]`` of memory tokens ``[c, T, d]``."""
@@ -135,13 +163,17 @@ class MoCMemoryAttention(MegatronModule):
         shape = (c, t, self.num_groups, self.head_dim)
         return self.linear_k(flat)[0].view(shape), self.linear_v(flat)[0].view(shape)
 
-    def _routed_keys_values(self, local_chapters: torch.Tensor):
-        """K/V once for every local chapter with traffic, and the units' indices into them."""
+    def _chapters_with_traffic(self, local_chapters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local routed chapters some unit selected, and the units' indices into them (``-1``: not here)."""
         valid = local_chapters >= 0
         used = torch.unique(local_chapters[valid])
         lookup = torch.full((self.bank.num_local_routed,), -1, dtype=torch.long, device=used.device)
         lookup[used] = torch.arange(used.numel(), device=used.device)
-        selected = torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
+        return used, torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
+
+    def _routed_keys_values(self, local_chapters: torch.Tensor):
+        """K/V once for every local chapter with traffic, and the units' indices into them."""
+        used, selected = self._chapters_with_traffic(local_chapters)
         keys, values = self._project(self.routed_norm(self.bank.routed_rows(used)))
         return keys, values, selected
 

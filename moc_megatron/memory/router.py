@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.platform import get_device
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ChapterRouter(nn.Module):
         super().__init__()
         self.config = config
         num_routed = config.moc_num_routed_chapters
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = None if config.use_cpu_initialization else get_device()
         self.weight = nn.Parameter(
             torch.empty(num_routed, config.hidden_size, dtype=config.params_dtype, device=device)
         )

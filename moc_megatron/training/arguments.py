@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from moc_megatron.data.tokenizer import TOKENIZER_TYPES
 from moc_megatron.presets import PRESETS, Preset, get_preset
 from moc_megatron.training.moc_flags import add_moc_config_flags, add_moc_training_flags
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
@@ -138,14 +139,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="969, 30, 1", help="Train/valid/test proportions of --data-path.")
     g.add_argument("--mock-data", action="store_true", help="Synthetic data (megatron's MockGPTDataset).")
     g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--tokenizer-type", default=None, choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES))
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="Vocabulary size when there is no tokenizer.")
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
     g.add_argument("--num-workers", type=int, default=2, help="Data-loader worker processes.")
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true", help="No loss on end-of-document tokens.")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +178,8 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
     for key, value in preset.config.items():
         if key == "gated_linear_unit":
             defaults["swiglu"] = bool(value)  # the presets' gated MLPs are SwiGLU (DESIGN.md section 2)
+        elif key == "activation_func":
+            continue  # SiLU is what --swiglu selects
         elif key == "layernorm_epsilon":
             defaults["norm_epsilon"] = value
         else:

@@ -136,9 +136,14 @@ def test_gradient_lands_in_main_grad_when_ddp_gave_one():
     module = make_module(make_config())
     bank = module.own_bank.routed
     bank.main_grad = torch.zeros_like(bank)
+    bank.grad_added_to_main_grad = False
+    hooked = []
+    # megatron's DDP hooks the parameter's gradient accumulator; with overlapped reduction it needs it to fire
+    accumulator = bank.expand_as(bank).grad_fn.next_functions[0][0]  # kept alive, as DDP does
+    accumulator.register_hook(lambda *_: hooked.append(True))
     out, _ = module.eval()(torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64))
     out.sum().backward()
-    assert bank.grad is None and bank.main_grad.abs().sum() > 0
+    assert bank.main_grad.abs().sum() > 0 and bank.grad_added_to_main_grad and hooked
 
 
 def test_top_k_selection_and_shared_chapters_always_read():

@@ -1,0 +1,273 @@
+"""Save and resume training with megatron-core's ``dist_checkpointing`` (torch_dist format).
+
+A checkpoint holds the model (``model``, or ``model0``, ``model1``, ... per virtual stage), the optimizer,
+the LR scheduler, every rank's RNG states, the iteration, the data position (``consumed_train_samples``),
+the parsed arguments and the model signature. Model weights are stored as global tensors, so they load
+at any TP/PP/EP layout; a checkpoint whose model differs from the flags is refused with the list of
+flags that disagree. See :mod:`moc_megatron.training.checkpoint_meta` for the layout and the crash-safe
+publication of a save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import types
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.utils import unwrap_model
+
+from moc_megatron.config import MoCConfig
+from moc_megatron.model.builder import ModelSettings
+from moc_megatron.training import checkpoint_meta as meta
+from moc_megatron.training.logging import print_rank_0
+
+CHECKPOINT_VERSION = 3.0
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint was saved for a different model than the flags describe."""
+
+
+def parallel_layout() -> dict[str, int | None]:
+    """This run's parallel sizes (stored with the checkpoint; RNG states only load at the same layout)."""
+    return dict(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    )
+
+
+def _optimizer_metadata(args: argparse.Namespace) -> dict:
+    metadata = {"chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        fully = args.dist_ckpt_optim_fully_reshardable
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully else "dp_reshardable"
+    return metadata
+
+
+def _rng_state() -> dict:
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "device_rng_state": mcore_random._get_cuda_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    mcore_random._set_cuda_rng_state(state["device_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """Every data-parallel rank's RNG states, one object per (PP, TP) coordinate (as Megatron-LM)."""
+    group = parallel_state.get_data_parallel_group()
+    states: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, _rng_state(), group=group)
+    ps = parallel_state
+    return ShardedObject(
+        "rng_state", states,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def _model_keys(model: list[torch.nn.Module]) -> list[str]:
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _json_args(args: argparse.Namespace) -> dict:
+    simple = (str, int, float, bool, type(None))
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, simple) or (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v))}
+
+
+def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None,
+                scheduler: OptimizerParamScheduler | None, with_rng: bool, args: argparse.Namespace,
+                is_loading: bool) -> dict:
+    state: dict = {}
+    for key, chunk in zip(_model_keys(model), model):
+        state[key] = unwrap_model(chunk).sharded_state_dict()
+    if optimizer is not None:
+        if args.use_distributed_optimizer:
+            _allow_empty_distributed_optimizers(optimizer)
+            if is_loading:
+                _initialize_optimizer_state(optimizer)
+        model_state = {k: state[k] for k in _model_keys(model)}
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=_optimizer_metadata(args))
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object()
+    return state
+
+
+def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.nn.Module],
+                    optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
+                    settings: ModelSettings, consumed_train_samples: int) -> str:
+    """Save to ``{args.save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path."""
+    root = args.save
+    staging = meta.staging_path(root, iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    state = _state_dict(model, None if args.no_save_optim else optimizer, scheduler, not args.no_save_rng,
+                        args, is_loading=False)
+    state.update(
+        checkpoint_version=CHECKPOINT_VERSION,
+        iteration=iteration,
+        train_state={"consumed_train_samples": consumed_train_samples},
+        args=_json_args(args),
+        model_signature=meta.model_signature(config, settings),
+        parallel_layout=parallel_layout(),
+        optimizer_metadata=_optimizer_metadata(args),
+        saved_optimizer=not args.no_save_optim,
+        saved_rng=not args.no_save_rng,
+    )
+    dist_checkpointing.save(state, staging)
+    dist.barrier()
+    final = meta.checkpoint_path(root, iteration)
+    if dist.get_rank() == 0:
+        meta.publish_checkpoint(root, iteration)
+    dist.barrier()
+    return final
+
+
+def _initialize_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Give a fresh torch Adam state (``step`` included) to every parameter before a distributed-
+    optimizer load: without TE/Apex megatron's ``DistributedOptimizer.state_dict`` needs one common step."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] = torch.tensor(0.0)
+
+
+def _empty_optimizer_state_dict(self) -> dict:
+    """``DistributedOptimizer.state_dict`` for a rank whose optimizer holds no parameter."""
+    inner = self.optimizer.state_dict()
+    state = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
+    for group in state["optimizer"]["param_groups"]:
+        del group["params"]
+        group["step"] = 0  # no parameter has a step; megatron needs one common value
+    if self.grad_scaler:
+        state["grad_scaler"] = self.grad_scaler.state_dict()
+    return state
+
+
+def _allow_empty_distributed_optimizers(optimizer: MegatronOptimizer) -> None:
+    """Let a distributed optimizer without parameters on this rank be checkpointed.
+
+    Without TE/Apex megatron's ``DistributedOptimizer.state_dict`` reads the Adam step from the
+    parameters' state and asserts there is exactly one; a rank whose stage holds no bank still has the
+    (empty) expert-parameter optimizer, because megatron aligns param groups across ranks.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(sub, DistributedOptimizer) and inner is not None and \
+                not any(group["params"] for group in inner.param_groups):
+            sub.state_dict = types.MethodType(_empty_optimizer_state_dict, sub)
+
+
+def _restore_distributed_optimizer_steps(optimizer: MegatronOptimizer, loaded: dict) -> None:
+    """megatron 0.16.1 copies the load template's per-parameter ``step`` over the loaded one; take it
+    from the loaded param groups instead."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    for sub, part in zip(subs, parts):
+        groups = part.get("optimizer", {}).get("param_groups", [])
+        steps = [g["step"] for g in groups if g.get("step") is not None]
+        if steps and getattr(sub, "optimizer", None) is not None:
+            for state in sub.optimizer.state.values():
+                state["step"] = torch.tensor(float(steps[0]))
+
+
+def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                    scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings) -> tuple[int, int]:
+    """Resume from ``args.load`` (collective); return ``(iteration, consumed_train_samples)``.
+
+    ``(0, 0)`` when there is nothing to load. ``--finetune`` loads only the weights and starts at 0;
+    ``--no-load-optim``/``--no-load-rng`` skip those parts. RNG states are skipped (with a note) when the
+    checkpoint was saved at a different parallel layout.
+    """
+    if args.load is None:
+        return 0, 0
+    iteration = meta.read_tracker(args.load)
+    if iteration is None:
+        if args.exit_on_missing_checkpoint:
+            raise FileNotFoundError(f"--load {args.load}: no {meta.TRACKER_FILENAME} (--exit-on-missing-checkpoint)")
+        print_rank_0(f" WARNING: no {meta.TRACKER_FILENAME} in {args.load}; starting from scratch")
+        return 0, 0
+    path = meta.checkpoint_path(args.load, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    mismatches = meta.signature_mismatches(common["model_signature"], meta.model_signature(config, settings))
+    if mismatches:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was saved for a different model; these settings disagree:\n" + "\n".join(mismatches))
+    load_optim = common.get("saved_optimizer", False) and not (args.no_load_optim or args.finetune)
+    same_layout = common.get("parallel_layout") == parallel_layout()
+    load_rng = common.get("saved_rng", False) and same_layout and not (args.no_load_rng or args.finetune)
+    if common.get("saved_rng") and not same_layout and not (args.no_load_rng or args.finetune):
+        print_rank_0(f" checkpoint parallel layout {common.get('parallel_layout')} differs from this run's "
+                     f"{parallel_layout()}: RNG states not restored")
+    if load_optim and common.get("optimizer_metadata") != _optimizer_metadata(args):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} stored its optimizer as {common.get('optimizer_metadata')} but this run uses "
+            f"{_optimizer_metadata(args)} (--use-distributed-optimizer / --dist-ckpt-optim-fully-reshardable); "
+            "give the same flags or --no-load-optim")
+    saved_layout = {k: v for k, v in (common.get("parallel_layout") or {}).items() if k != "dp"}
+    this_layout = {k: v for k, v in parallel_layout().items() if k != "dp"}
+    sharding = _optimizer_metadata(args).get("distrib_optim_sharding_type")
+    if load_optim and sharding == "dp_reshardable" and saved_layout != this_layout:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds distributed-optimizer state for layout {saved_layout}, which loads only at "
+            f"the same TP/PP/EP/VPP sizes (this run: {this_layout}); use that layout or --no-load-optim")
+    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, args, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    for key, chunk in zip(_model_keys(model), model):
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+    if load_optim:
+        with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's
+            optimizer.load_state_dict(loaded["optimizer"])
+        if args.use_distributed_optimizer:
+            _restore_distributed_optimizer_steps(optimizer, loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    else:
+        optimizer.reload_model_params()  # the fp32 main weights follow the loaded model weights
+        if not args.finetune:
+            scheduler.step(increment=common["train_state"]["consumed_train_samples"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank()])
+    dist.barrier()
+    if args.finetune:
+        print_rank_0(f" loaded weights from {path} (--finetune: starting at iteration 0)")
+        return 0, 0
+    print_rank_0(f" loaded checkpoint {path} at iteration {iteration}")
+    return iteration, common["train_state"]["consumed_train_samples"]

@@ -1,0 +1,143 @@
+"""Pretraining data: megatron-core GPT datasets (blended or mock), a resumable sampler, and iterators.
+
+Datasets are built with ``BlendedMegatronDatasetBuilder`` + ``GPTDatasetConfig`` (``GPTDataset`` on
+Megatron ``.bin/.idx`` files, ``MockGPTDataset`` for ``--mock-data``) on the ranks that feed the model:
+the first and last pipeline stages (tokens in, labels out). Every tensor-parallel rank reads the same
+samples itself, so nothing is broadcast.
+
+The training iterator's position is ``consumed_train_samples``: :class:`PretrainingSampler` (Megatron-LM's
+``MegatronPretrainingSampler``) starts from it, so a resumed run reads exactly the samples an
+uninterrupted run would. Evaluation always reads the first ``eval_iters`` global batches of the
+validation split, so successive evaluations are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from moc_megatron import platform
+
+
+@dataclass
+class DatasetTokenizer:
+    """What megatron's GPT datasets read from a tokenizer: vocabulary size, end of document, padding,
+    and ``unique_identifiers`` (part of the dataset description that names the index caches)."""
+
+    vocab_size: int
+    eod: int = 0
+    pad: int | None = None
+    name: str = "none"
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Identifies the tokenizer in megatron's dataset descriptions."""
+        return {"class": type(self).__name__, "tokenizer": self.name, "vocab_size": self.vocab_size}
+
+
+def dataset_tokenizer(tokenizer=None, vocab_size: int | None = None, name: str = "none") -> DatasetTokenizer:
+    """A :class:`DatasetTokenizer` for a ``MoCTokenizer`` (or for a bare vocabulary size)."""
+    if tokenizer is None:
+        return DatasetTokenizer(vocab_size=vocab_size)
+    return DatasetTokenizer(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, name)
+
+
+class PretrainingSampler:
+    """Megatron-LM's ``MegatronPretrainingSampler``: consecutive samples from ``consumed_samples`` on.
+
+    Every global step takes ``micro_batch_size * data_parallel_size`` consecutive sample indices per
+    micro-batch; data-parallel rank ``r`` gets the ``r``-th slice of ``micro_batch_size`` of them.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"no samples to draw from (total_samples={total_samples})")
+        if consumed_samples >= total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} >= total_samples {total_samples}")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.step = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.data_parallel_rank * self.micro_batch_size
+        for first in range(self.consumed_samples, self.total_samples - self.step + 1, self.step):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def is_dataset_built_on_rank() -> bool:
+    """Only the pipeline stages that read tokens (first) or labels (last) need data."""
+    return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+
+
+def dataset_config(args: argparse.Namespace, tokenizer) -> GPTDatasetConfig:
+    """megatron-core's GPT dataset configuration for these flags."""
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=args.data_blend,
+        blend_per_split=args.data_blend_per_split,
+        split=args.split if args.data_blend is not None else None,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,  # RoPE positions come from the sequence, not from position ids
+        reset_attention_mask=False,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,  # causal attention needs no explicit mask
+    )
+
+
+def build_datasets(args: argparse.Namespace, tokenizer) -> tuple:
+    """``(train, valid, test)`` datasets (``None`` where a split is empty or this rank needs no data)."""
+    gbs = args.global_batch_size
+    eval_samples = args.eval_iters * gbs
+    sizes = [args.train_iters * gbs, eval_samples, eval_samples]
+    config = dataset_config(args, tokenizer)
+    cls = MockGPTDataset if config.mock else GPTDataset
+    return tuple(BlendedMegatronDatasetBuilder(cls, sizes, is_dataset_built_on_rank, config).build())
+
+
+def _loader(dataset, consumed_samples: int, args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    sampler = PretrainingSampler(
+        total_samples=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=args.micro_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        pin_memory=platform.get_device().type == "cuda", persistent_workers=False,
+        # Its own generator: starting an iterator draws a seed, which must not move the global RNG
+        # (dropout), or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def data_iterators(dataset, consumed_samples: int, args: argparse.Namespace, num_chunks: int) -> list:
+    """One iterator per model chunk (the interleaved schedule reads each chunk's own), or ``None``s."""
+    if dataset is None:
+        return [None] * num_chunks
+    return [iter(_loader(dataset, consumed_samples, args)) for _ in range(num_chunks)]
+
+
+def get_batch(data_iterator, pre_process: bool, post_process: bool) -> dict[str, torch.Tensor]:
+    """The next micro-batch on the compute device: what this model chunk needs of it, or ``{}``."""
+    if not (pre_process or post_process):
+        return {}
+    batch = next(data_iterator)
+    device = platform.get_device()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,214 @@
+"""Megatron-style log lines and TensorBoard scalars, router aux losses and chapter-load statistics.
+
+The reductions here are collective (every rank calls them at the same iterations); printing and the
+TensorBoard writer live on the last rank, as in Megatron-LM (it holds the last pipeline stage's loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+from moc_megatron import platform
+from moc_megatron.config import MoCConfig
+from moc_megatron.memory.aux_losses import (
+    LOAD_BALANCE_NAME,
+    Z_LOSS_NAME,
+    chapter_load_statistics,
+    pop_chapter_load,
+)
+
+
+def is_last_rank() -> bool:
+    """The rank that prints and writes TensorBoard (Megatron-LM's ``print_rank_last``)."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(message: str) -> None:
+    """Print on the last rank only."""
+    if is_last_rank():
+        print(message, flush=True)
+
+
+def print_rank_0(message: str) -> None:
+    """Print on rank 0 only."""
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _sum_over_pp_and_dp(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor
+
+
+def reset_memory_statistics() -> None:
+    """Forget router losses and chapter loads recorded so far (in this process, by any model)."""
+    pop_chapter_load()
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name in (LOAD_BALANCE_NAME, Z_LOSS_NAME):
+        tracker.pop(name, None)
+
+
+def reduce_memory_aux_losses(config: MoCConfig, num_microbatches: int) -> dict[str, float]:
+    """This iteration's router losses (unscaled, averaged over memory layers, micro-batches and DP ranks).
+
+    Reads and clears megatron's aux-loss tracker, where the memory layers record them.
+    """
+    if not config.has_memory:
+        return {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {}
+    for name, coeff in ((LOAD_BALANCE_NAME, config.moc_load_balance_coeff), (Z_LOSS_NAME, config.moc_z_loss_coeff)):
+        if coeff <= 0:
+            continue
+        entry = tracker.get(name)
+        values = torch.zeros(config.num_layers, device=platform.get_device())
+        if entry is not None:
+            values += entry["values"].to(values.device)
+            entry["values"].zero_()
+        _sum_over_pp_and_dp(values)
+        dp = parallel_state.get_data_parallel_world_size()
+        out[name] = values.sum().item() / (len(config.moc_memory_layers) * num_microbatches * dp)
+    return out
+
+
+def reduce_chapter_load(config: MoCConfig) -> dict[int, torch.Tensor]:
+    """Chapter selection counts per memory layer (0-based layer index) since the last call, all ranks."""
+    if not config.has_memory:
+        return {}
+    layers = sorted(config.moc_memory_layers)
+    counts = torch.zeros(len(layers), config.moc_num_routed_chapters, dtype=torch.float64,
+                         device=platform.get_device())
+    for layer_number, local in pop_chapter_load().items():
+        counts[layers.index(layer_number - 1)] += local.to(counts.device)
+    _sum_over_pp_and_dp(counts)
+    return {layer: counts[i].cpu() for i, layer in enumerate(layers)}
+
+
+def _histogram_by_chapter(writer, tag: str, counts: torch.Tensor, iteration: int) -> None:
+    """Load per chapter as a TensorBoard histogram: one bucket per chapter, its height the load."""
+    index = torch.arange(len(counts), dtype=torch.float64)
+    total = float(counts.sum())
+    if total <= 0:
+        return
+    writer.add_histogram_raw(
+        tag, min=0.0, max=float(len(counts) - 1), num=total, sum=float((index * counts).sum()),
+        sum_squares=float((index * index * counts).sum()), bucket_limits=(index + 0.5).tolist(),
+        bucket_counts=counts.tolist(), global_step=iteration)
+
+
+class TrainingLogger:
+    """Accumulates per-iteration values and emits the log line every ``--log-interval`` iterations."""
+
+    def __init__(self, args: argparse.Namespace, config: MoCConfig) -> None:
+        self.args = args
+        self.config = config
+        self.writer = None
+        if args.tensorboard_dir and is_last_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.log_interval)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.iterations = 0
+        self.skipped = 0
+        self.nan = 0
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation, saving) out of the iteration time."""
+        self.excluded += seconds
+
+    def scalar(self, tag: str, value: float, iteration: int) -> None:
+        """Write one TensorBoard scalar (last rank only)."""
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, iteration)
+
+    def training_iteration(self, iteration: int, consumed_samples: int, losses: dict[str, float],
+                           aux_losses: dict[str, float], grad_norm: float | None, learning_rates: dict[str, float],
+                           update_successful: bool, loss_scale: float) -> None:
+        """Record one iteration (every rank calls this); prints and reduces chapter load at the interval."""
+        self.iterations += 1
+        self.skipped += 0 if update_successful else 1
+        values = {**losses, **aux_losses}
+        self.nan += int(not all(math.isfinite(v) for v in values.values()))
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        for key, value in values.items():
+            self.scalar(key, value, iteration)
+        for role, lr in learning_rates.items():
+            self.scalar("learning-rate" if role == "backbone" else f"learning-rate/{role}", lr, iteration)
+        if grad_norm is not None:
+            self.scalar("grad-norm", grad_norm, iteration)
+        self.scalar("loss-scale", loss_scale, iteration)
+        if iteration % self.args.log_interval:
+            return
+        loads = reduce_chapter_load(self.config)
+        self._write_chapter_load(loads, iteration)
+        self._print_line(iteration, consumed_samples, grad_norm, learning_rates["backbone"], loss_scale)
+        self._reset()
+
+    def _write_chapter_load(self, loads: dict[int, torch.Tensor], iteration: int) -> None:
+        if self.writer is None:
+            return
+        for layer, counts in loads.items():
+            stats = chapter_load_statistics(counts)
+            _histogram_by_chapter(self.writer, f"moc/layer_{layer}/chapter_load", counts, iteration)
+            self.scalar(f"moc/layer_{layer}/chapter_load_entropy", stats["entropy"], iteration)
+            self.scalar(f"moc/layer_{layer}/chapter_load_normalized_entropy", stats["normalized_entropy"], iteration)
+            self.scalar(f"moc/layer_{layer}/unused_chapter_fraction", stats["unused_fraction"], iteration)
+            self.scalar(f"moc/layer_{layer}/max_chapter_load", stats["max_load"], iteration)
+
+    def _print_line(self, iteration: int, consumed_samples: int, grad_norm: float | None, lr: float,
+                    loss_scale: float) -> None:
+        args = self.args
+        elapsed = (time.perf_counter() - self.start - self.excluded) / max(self.iterations, 1)
+        tokens_per_second = args.global_batch_size * args.seq_length / elapsed
+        self.scalar("iteration-time", elapsed, iteration)
+        self.scalar("tokens-per-second", tokens_per_second, iteration)
+        line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
+        line += f" iteration {iteration:8d}/{args.train_iters:8d} |"
+        line += f" consumed samples: {consumed_samples:12d} |"
+        line += f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f} |"
+        line += f" tokens per second: {tokens_per_second:.1f} |"
+        line += f" learning rate: {lr:.6E} |"
+        line += f" global batch size: {args.global_batch_size:5d} |"
+        for key, total in self.sums.items():
+            line += f" {key}: {total / max(self.iterations, 1):.6E} |"
+        line += f" loss scale: {loss_scale:.1f} |"
+        if grad_norm is not None:
+            line += f" grad norm: {grad_norm:.3f} |"
+        line += f" number of skipped iterations: {self.skipped:3d} |"
+        line += f" number of nan iterations: {self.nan:3d} |"
+        print_rank_last(line)
+
+    def validation(self, iteration: int, losses: dict[str, float], name: str = "validation") -> None:
+        """Print and record an evaluation result (Megatron-LM's format)."""
+        if not losses:
+            return
+        parts = []
+        for key, value in losses.items():
+            ppl = math.exp(min(20.0, value))
+            parts.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} |")
+            self.scalar(f"{key} {name}", value, iteration)
+            self.scalar(f"{key} {name} ppl", ppl, iteration)
+        text = f" {name} loss at iteration {iteration} | " + " ".join(parts)
+        bar = "-" * len(text)
+        print_rank_last(f"{bar}\n{text}\n{bar}")
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

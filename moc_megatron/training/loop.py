@@ -1,0 +1,171 @@
+"""``pretrain``: the whole run, from process groups to the final checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+from moc_megatron import platform
+from moc_megatron.config import MoCConfig
+from moc_megatron.parallel.bank_group import destroy_bank_groups
+from moc_megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+from moc_megatron.training.data import DatasetTokenizer, build_datasets, data_iterators, dataset_tokenizer
+from moc_megatron.training.logging import (
+    TrainingLogger,
+    print_rank_0,
+    print_rank_last,
+    reduce_memory_aux_losses,
+    reset_memory_statistics,
+)
+from moc_megatron.training.optimizer import role_lrs
+from moc_megatron.training.setup import TrainingStack, build_training_stack, count_parameters, initialize
+from moc_megatron.training.train_step import LM_LOSS, evaluate, train_step
+
+
+@dataclass
+class PretrainResult:
+    """What a run did (losses are known on the last pipeline stage only)."""
+
+    start_iteration: int
+    iteration: int
+    lm_losses: dict[int, float] = field(default_factory=dict)
+    """Training ``lm loss`` per iteration (on the last pipeline stage; empty elsewhere)."""
+    validation_losses: dict[int, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    """Path of the last checkpoint this run saved."""
+
+
+def _tokenizer(args: argparse.Namespace) -> tuple[DatasetTokenizer, int | None]:
+    """The datasets' view of the tokenizer, and its vocabulary size (``None`` without a tokenizer)."""
+    if args.tokenizer_type is None:
+        return dataset_tokenizer(vocab_size=args.vocab_size), None
+    from moc_megatron.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    name = f"{args.tokenizer_type}:{args.tokenizer_model}"
+    return dataset_tokenizer(tokenizer, name=name), tokenizer.vocab_size
+
+
+def _learning_rates(stack: TrainingStack, args: argparse.Namespace) -> dict[str, float]:
+    lrs = {"backbone": get_canonical_lr_for_logging(stack.optimizer.param_groups)}
+    for role, (peak, low) in role_lrs(args.lr, args.min_lr, args.moc_memory_lr, args.moc_bank_lr).items():
+        if role != "backbone" and peak != args.lr:
+            lrs[role] = stack.scheduler.get_lr({"max_lr": peak, "min_lr": low})
+    return lrs
+
+
+def _print_setup(args: argparse.Namespace, config: MoCConfig, stack: TrainingStack, vocab: int) -> None:
+    print_rank_0(
+        f" > MoC model: {config.num_layers} layers, hidden {config.hidden_size}, vocab {vocab} (padded), "
+        f"memory layers {sorted(config.moc_memory_layers)}"
+        + (f", {config.moc_num_chapters} chapters x {config.moc_chapter_size} tokens, top-{config.moc_top_k}"
+           if config.has_memory else "")
+        + f"\n > parallel: TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+        f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size} "
+        f"VPP={args.virtual_pipeline_model_parallel_size}; micro-batches per step {args.num_microbatches}"
+        f"\n > parameters on rank 0: {count_parameters(stack.model):,}"
+    )
+    for role, (peak, low) in role_lrs(args.lr, args.min_lr, args.moc_memory_lr, args.moc_bank_lr).items():
+        if role == "bank" and args.moc_freeze_bank:
+            print_rank_0(" > learning rate bank: frozen (no gradient, no optimizer state)")
+        elif config.has_memory or role == "backbone":
+            print_rank_0(f" > learning rate {role}: max {peak:.3E} min {low:.3E}")
+
+
+def _resume_hint(args: argparse.Namespace, path: str) -> str:
+    """Where the checkpoint is, and the command that continues from it."""
+    argv = list(sys.argv[1:])
+    if "--load" in argv:
+        i = argv.index("--load")
+        del argv[i:i + 2]
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "pretrain_moc.py"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+    if args.world_size == 1:
+        launcher = "python"
+    elif local == args.world_size:
+        launcher = f"torchrun --nproc_per_node={local}"
+    else:
+        launcher = "<the same torchrun/srun launcher>"
+    command = f"{launcher} {shlex.join([script, *argv, '--load', args.save])}"
+    tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
+    return (f" checkpoint saved to {path} (tracker: {tracker})\n"
+            f" to resume, run the same command with --load {args.save}:\n   {command}\n"
+            f" (to train further, also raise --train-iters; the LR schedule is checked against the checkpoint,"
+            f" so keep --lr-decay-iters or pass --override-opt_param-scheduler)")
+
+
+def pretrain(args: argparse.Namespace) -> PretrainResult:
+    """Train for ``args.train_iters`` iterations (resuming from ``--load``); collective over all ranks."""
+    initialize(args)
+    tokenizer, tokenizer_vocab = _tokenizer(args)
+    config = transformer_config_from_args(args)
+    settings = model_settings_from_args(args, tokenizer_vocab)
+    stack = build_training_stack(args, config, settings)
+    _print_setup(args, config, stack, settings.vocab_size)
+    iteration, consumed = load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings)
+    result = PretrainResult(start_iteration=iteration, iteration=iteration)
+
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer)
+    chunks = len(stack.model)
+    train_iterators = data_iterators(train_ds, consumed, args, chunks) if iteration < args.train_iters else None
+    # Middle pipeline stages build no dataset but take part in every evaluation pass.
+    do_valid = args.eval_iters > 0 and _on_any_rank(valid_ds is not None)
+
+    logger = TrainingLogger(args, config)
+    reset_memory_statistics()  # start the router statistics from this run's first step
+    last_saved = iteration
+    print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
+    while iteration < args.train_iters:
+        step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler)
+        iteration += 1
+        consumed += args.global_batch_size
+        aux = reduce_memory_aux_losses(config, args.num_microbatches)
+        if LM_LOSS in step.losses:
+            result.lm_losses[iteration] = step.losses[LM_LOSS]
+        logger.training_iteration(iteration, consumed, step.losses, aux, step.grad_norm,
+                                  _learning_rates(stack, args), step.update_successful,
+                                  stack.optimizer.get_loss_scale().item())
+        paused = time.perf_counter()
+        if do_valid and iteration % args.eval_interval == 0:
+            _validate(args, valid_ds, stack, iteration, logger, result)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
+                                                config, settings, consumed)
+            last_saved = iteration
+            print_rank_0(f" saved checkpoint at iteration {iteration} to {result.checkpoint}")
+        logger.exclude(time.perf_counter() - paused)
+    result.iteration = iteration
+    if do_valid and iteration % args.eval_interval and iteration > result.start_iteration:
+        _validate(args, valid_ds, stack, iteration, logger, result)
+    if args.save and iteration > last_saved:
+        result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
+                                            config, settings, consumed)
+    logger.close()
+    reset_memory_statistics()
+    if result.checkpoint:
+        print_rank_last(_resume_hint(args, result.checkpoint))
+    destroy_bank_groups()
+    return result
+
+
+def _on_any_rank(flag: bool) -> bool:
+    value = torch.tensor([int(flag)], device=platform.get_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _validate(args, valid_ds, stack: TrainingStack, iteration: int, logger: TrainingLogger,
+              result: PretrainResult) -> None:
+    iterators = data_iterators(valid_ds, 0, args, len(stack.model))
+    losses = evaluate(args, iterators, stack.model)
+    logger.validation(iteration, losses)
+    if LM_LOSS in losses:
+        result.validation_losses[iteration] = losses[LM_LOSS]

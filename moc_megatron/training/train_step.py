@@ -1,0 +1,119 @@
+"""One training step and one evaluation pass, through megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+from moc_megatron.memory.aux_losses import set_aux_loss_scale
+from moc_megatron.training.data import get_batch
+from moc_megatron.training.schedule import scheduler_step
+
+LM_LOSS = "lm loss"
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Masked token loss in megatron's 3-tuple form ``(loss sum, tokens, {name: [sum, tokens]})``.
+
+    The schedule divides the sum by the token count and the number of micro-batches; the reported pair
+    lets the step average over all tokens of the global batch.
+    """
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.cat([loss_sum.detach().view(1), num_tokens.detach().float().view(1)])
+    return loss_sum, num_tokens, {LM_LOSS: report}
+
+
+def forward_step(data_iterator, model: torch.nn.Module):
+    """megatron ``forward_step_func``: run one micro-batch through one model chunk."""
+    pre_process = get_attr_wrapped_model(model, "pre_process")
+    post_process = get_attr_wrapped_model(model, "post_process")
+    batch = get_batch(data_iterator, pre_process, post_process)
+    output = model(
+        batch.get("tokens") if pre_process else None,
+        batch.get("position_ids") if pre_process else None,
+        None,
+        labels=batch.get("labels") if post_process else None,
+    )
+    return output, partial(loss_func, batch.get("loss_mask"))
+
+
+def reduce_losses(losses: list[dict]) -> dict[str, float]:
+    """Token-weighted averages over micro-batches and data-parallel ranks (empty off the last stage)."""
+    if not losses or not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    out = {}
+    for key in losses[0]:
+        total = torch.stack([x[key] for x in losses]).sum(dim=0)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out[key] = (total[0] / total[1].clamp(min=1)).item()
+    return out
+
+
+@dataclass
+class StepResult:
+    """What one training step reports."""
+
+    losses: dict[str, float]
+    grad_norm: float | None
+    update_successful: bool
+    num_zeros_in_grad: int | None
+
+
+def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+               optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler) -> StepResult:
+    """Forward/backward over ``num_microbatches`` micro-batches, gradient finalisation, optimizer step."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    config = get_model_config(model[0])
+    # megatron's schedules scale MoE aux-loss gradients only when num_moe_experts is set; do it for the
+    # router losses of the memory, exactly as they would: loss scale / number of micro-batches.
+    loss_scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
+    set_aux_loss_scale(loss_scale / args.num_microbatches)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators,
+        model=model,
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length,
+        forward_only=False,
+    )
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    if update_successful:
+        scheduler_step(scheduler, args)
+    return StepResult(reduce_losses(losses), grad_norm, bool(update_successful), num_zeros)
+
+
+def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module]) -> dict[str, float]:
+    """Forward-only loss over ``eval_iters`` global batches (on the last stage; ``{}`` elsewhere)."""
+    for chunk in model:
+        chunk.eval()
+    collected: list[dict] = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            collected += get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data_iterators,
+                model=model,
+                num_microbatches=args.num_microbatches,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                decoder_seq_length=args.seq_length,
+                forward_only=True,
+            )
+    for chunk in model:
+        chunk.train()
+    return reduce_losses(collected)

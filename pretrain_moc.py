@@ -1,0 +1,29 @@
+"""Pretrain a Mixture-of-Chapters language model on megatron-core.
+
+    torchrun --nproc_per_node=8 pretrain_moc.py --preset moc-paper --data-path ... --tokenizer-type ... \\
+        --micro-batch-size 8 --global-batch-size 256 --train-iters 9600 --lr 3e-4 --bf16 --save ckpt
+
+See docs/training.md for the flags, the log line, the checkpoint layout and how to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.checkpointing import CheckpointMismatchError
+from moc_megatron.training.loop import pretrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and train."""
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    except CheckpointMismatchError as exc:
+        print(f"pretrain_moc.py: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # dist_checkpointing's save starts a spawn-context process: keep this guard
+    main()
