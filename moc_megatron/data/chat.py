@@ -116,7 +116,10 @@ def chat_segments(
     add_generation_prompt: bool = False,
     template: str | None = None,
 ) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into ``(text, is_assistant)`` segments whose texts concatenate to it."""
+    """Split the rendered conversation into ``(text, is_assistant)`` segments whose texts concatenate to it.
+
+    Adjacent segments alternate between prompt and assistant text.
+    """
     segments: list[tuple[str, bool]] = []
     rendered = ""
 
@@ -130,7 +133,10 @@ def chat_segments(
                 "(--chat-template default) or a template that only appends"
             )
         if len(text) > len(rendered):
-            segments.append((text[len(rendered) :], is_assistant))
+            piece = text[len(rendered) :]
+            if segments and segments[-1][1] == is_assistant:  # one segment per run, for natural tokenization
+                piece = segments.pop()[0] + piece
+            segments.append((piece, is_assistant))
         rendered = text
 
     for k, message in enumerate(messages):

@@ -12,15 +12,63 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def optimal_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
     """Token dtype for ``vocab_size``: megatron-core's ``DType.optimal_dtype`` rule, without importing it."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def preload() -> None:
+    """Import megatron-core's indexed_dataset now (seconds), e.g. once before forking partition processes."""
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+
+class LazyWriter(Generic[T]):
+    """Defers writes until megatron-core is imported in a background thread, then does them in order.
+
+    Importing megatron-core takes seconds; meanwhile the main process keeps taking results from the
+    workers instead of stalling them. ``open_target`` builds the writers once the import is done.
+    """
+
+    def __init__(self, open_target: Callable[[], T]) -> None:
+        self._open_target = open_target
+        self._thread: threading.Thread | None = None
+        self._target: T | None = None
+        self._backlog: list[Callable[[T], None]] = []
+
+    def start_import(self) -> None:
+        """Start the import thread. Call it only after forking workers: a fork while another thread
+        imports could copy a held import lock into the child."""
+        self._thread = threading.Thread(target=preload, name="preload-megatron-core", daemon=True)
+        self._thread.start()
+
+    def submit(self, write: Callable[[T], None]) -> None:
+        """Run ``write(target)`` now if the target is open, else once the import is done."""
+        self._backlog.append(write)
+        if self._target is None and self._thread is not None and self._thread.is_alive():
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._target is None:
+            self._target = self._open_target()
+        for write in self._backlog:
+            write(self._target)
+        self._backlog.clear()
+
+    def close(self) -> T:
+        """Do every pending write and return the target."""
+        self._flush()
+        assert self._target is not None
+        return self._target
 
 
 def open_builder(bin_path: str, dtype: Any) -> Any:

@@ -235,9 +235,46 @@ def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
                 count += 1
             if f is not raw:
                 f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return count
+
+
+class BadInputError(ValueError):
+    """A bad input line stopped the run (``--skip-bad-lines`` not given); the message is ``file:line: reason``."""
+
+
+MAX_BAD_EXAMPLES = 20
+
+
+class BadLineLog:
+    """Turns a worker's ``(chunk, line in chunk, reason)`` into ``file:line: reason`` and stops or counts."""
+
+    def __init__(self, segments: Sequence[Segment], skip: bool) -> None:
+        self.segments = segments
+        self.skip = skip
+        self.count = 0
+        self.examples: list[str] = []
+        self._first_lines: dict[int, int] = {}
+
+    def where(self, chunk: Chunk, line_in_chunk: int) -> str:
+        """``path:line`` of a line of ``chunk``."""
+        index = chunk.segment_index
+        if index not in self._first_lines:
+            self._first_lines[index] = self.segments[index].first_line_number()
+        return f"{self.segments[index].path}:{self._first_lines[index] + chunk.first_line + line_in_chunk}"
+
+    def report(self, chunk: Chunk, line_in_chunk: int, reason: str) -> None:
+        """Raise :class:`BadInputError`, or (with ``skip``) count the line and keep the first examples."""
+        message = f"{self.where(chunk, line_in_chunk)}: {reason}"
+        if not self.skip:
+            raise BadInputError(message)
+        self.count += 1
+        if len(self.examples) < MAX_BAD_EXAMPLES:
+            self.examples.append(message)

@@ -15,21 +15,25 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from moc_megatron.data import indexed
 from moc_megatron.data.encode import ChunkResult, encode_chunk, init_worker
-from moc_megatron.data.jsonl import Segment, expand_inputs, iter_chunks, plan_partitions
+from moc_megatron.data.jsonl import (
+    MAX_BAD_EXAMPLES,
+    BadInputError,
+    BadLineLog,
+    Segment,
+    expand_inputs,
+    iter_chunks,
+    plan_partitions,
+)
+from moc_megatron.data.pool import ordered_map
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import build_tokenizer
-
-MAX_BAD_EXAMPLES = 20
-
-
-class BadInputError(ValueError):
-    """A bad input line stopped the run (``--skip-bad-lines`` not given); the message is ``file:line: reason``."""
 
 
 @dataclass
@@ -108,6 +112,10 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 ProgressFn = Callable[[int, int, int], None]
 
 
+def _new_stats(keys: Sequence[str]) -> PreprocessStats:
+    return PreprocessStats(empty_documents=dict.fromkeys(keys, 0), written=dict.fromkeys(keys, 0))
+
+
 def _process_segments(
     config: PreprocessConfig,
     segments: Sequence[Segment],
@@ -117,33 +125,27 @@ def _process_segments(
     on_progress: ProgressFn,
 ) -> PreprocessStats:
     """Encode ``segments`` with a pool of ``workers`` and write one dataset per key."""
-    stats = PreprocessStats(empty_documents=dict.fromkeys(config.json_keys, 0), written=dict.fromkeys(config.json_keys, 0))
-    first_lines: dict[int, int] = {}
+    keys = tuple(config.json_keys)
+    stats = _new_stats(keys)
+    bad = BadLineLog(segments, config.skip_bad_lines)
     stop = not config.skip_bad_lines
-    builders = None
-    initargs = (config.tokenizer_type, config.tokenizer_model, tuple(config.json_keys), config.append_eod, dtype)
-    pool = mp.get_context().Pool(workers, initializer=init_worker, initargs=initargs)
-    ok = False
-    try:
-        # apply_async with a bounded window instead of imap: imap's feeder thread would read the whole
-        # input into memory when the workers are slower than the disk.
-        pending: deque = deque()
-        max_pending = 4 * workers
+    tasks = ((item, (item[0].data, stop)) for item in iter_chunks(segments, config.chunk_bytes))
+    initargs = (config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype)
+    writer = indexed.LazyWriter(lambda: {k: indexed.open_builder(p + ".bin", dtype) for k, p in out_prefixes.items()})
 
-        def handle(chunk, disk_bytes: int, result: ChunkResult) -> None:
+    def write(builders: dict, result: ChunkResult) -> None:
+        for key in keys:
+            indexed.add_documents(builders[key], result.tokens[key], result.lengths[key])
+
+    with closing(
+        ordered_map(encode_chunk, tasks, workers, init_worker, initargs, on_start=writer.start_import)
+    ) as results:
+        for (chunk, disk_bytes), result in results:
             for line_in_chunk, reason in result.bad:
-                if chunk.segment_index not in first_lines:
-                    first_lines[chunk.segment_index] = segments[chunk.segment_index].first_line_number()
-                line = first_lines[chunk.segment_index] + chunk.first_line + line_in_chunk
-                message = f"{segments[chunk.segment_index].path}:{line}: {reason}"
-                if stop:
-                    raise BadInputError(message)
-                stats.bad_lines += 1
-                if len(stats.bad_examples) < MAX_BAD_EXAMPLES:
-                    stats.bad_examples.append(message)
+                bad.report(chunk, line_in_chunk, reason)
+            writer.submit(partial(write, result=result))
             chunk_tokens = 0
-            for key in config.json_keys:
-                indexed.add_documents(builders[key], result.tokens[key], result.lengths[key])
+            for key in keys:
                 chunk_tokens += result.tokens[key].size
                 stats.written[key] += result.lengths[key].size
                 stats.empty_documents[key] += result.empty[key]
@@ -152,29 +154,10 @@ def _process_segments(
             stats.blank_lines += result.blank
             stats.input_bytes += result.nbytes
             on_progress(result.documents, chunk_tokens, disk_bytes)
-
-        for chunk, disk_bytes in iter_chunks(segments, config.chunk_bytes):
-            pending.append((chunk, disk_bytes, pool.apply_async(encode_chunk, (chunk.data, stop))))
-            if builders is None:
-                # Opened after the first task is queued: importing megatron-core takes seconds.
-                builders = {k: indexed.open_builder(p + ".bin", dtype) for k, p in out_prefixes.items()}
-            while len(pending) >= max_pending:
-                c, b, r = pending.popleft()
-                handle(c, b, r.get())
-        if builders is None:
-            builders = {k: indexed.open_builder(p + ".bin", dtype) for k, p in out_prefixes.items()}
-        while pending:
-            c, b, r = pending.popleft()
-            handle(c, b, r.get())
-        for key, prefix in out_prefixes.items():
-            indexed.finalize(builders[key], prefix)
-        ok = True
-    finally:
-        if ok:
-            pool.close()
-        else:
-            pool.terminate()
-        pool.join()
+    builders = writer.close()
+    for key, prefix in out_prefixes.items():
+        indexed.finalize(builders[key], prefix)
+    stats.bad_lines, stats.bad_examples = bad.count, bad.examples
     return stats
 
 
@@ -196,7 +179,8 @@ def _partition_main(
         counters[3 * index + 2] += nbytes
 
     try:
-        stats = _process_segments(config, segments, out_prefixes, dtype, config.workers // config.partitions, on_progress)
+        workers = config.workers // config.partitions
+        stats = _process_segments(config, segments, out_prefixes, dtype, workers, on_progress)
         report = {"ok": True, "stats": asdict(stats)}
     except BadInputError as exc:
         report = {"ok": False, "bad_input": True, "error": str(exc)}
@@ -228,6 +212,7 @@ def _run_partitions(
         for i in range(len(plan))
     ]
     seen = [0, 0, 0]
+    indexed.preload()  # once here rather than once per forked partition
     try:
         for p in procs:
             p.start()
@@ -260,7 +245,7 @@ def _run_partitions(
                 p.terminate()
             p.join()
 
-    total = PreprocessStats(empty_documents=dict.fromkeys(config.json_keys, 0), written=dict.fromkeys(config.json_keys, 0))
+    total = _new_stats(config.json_keys)
     for path in stats_paths:
         with open(path) as f:
             total.add(PreprocessStats(**json.load(f)["stats"]))
@@ -275,6 +260,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     Raises:
         BadInputError: a bad line and ``skip_bad_lines`` is off.
         InputError: ``config.input`` names no file.
+        ValueError: bad options, or no document at all for a key (nothing is written then).
     """
     config.validate()
     start = time.perf_counter()
@@ -293,6 +279,14 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
             else:
                 plan = plan_partitions(paths, config.partitions)
                 stats = _run_partitions(config, plan, staged, staged_prefixes, dtype, progress)
+            for key in config.json_keys:
+                if not stats.written[key]:
+                    raise ValueError(
+                        f"no document with tokens for key {key!r} ({stats.documents} documents, "
+                        f"{stats.empty_documents[key]} empty, {stats.bad_lines} bad lines skipped, "
+                        f"{stats.blank_lines} blank lines): IndexedDataset cannot read an empty dataset, "
+                        "so nothing was written"
+                    )
             stats.outputs = staged.commit()
     finally:
         progress.close()

@@ -21,10 +21,12 @@ class Progress:
         enabled: bool = True,
         stream: TextIO | None = None,
         desc: str = "preprocess",
+        unit: str = "documents",
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.log_interval = max(1, log_interval)
         self.enabled = enabled
+        self.unit = unit
         self.start = time.perf_counter()
         self.docs = self.tokens = self.bytes = 0
         self._next_log = self.log_interval
@@ -67,8 +69,7 @@ class Progress:
             self._next_log = (self.docs // self.log_interval + 1) * self.log_interval
             docs_s, tokens_s, mb_s = self.rates()
             print(
-                f"Processed {self.docs} documents ({docs_s:,.1f} docs/s, {tokens_s:,.0f} tokens/s, "
-                f"{mb_s:.2f} MB/s).",
+                f"Processed {self.docs} {self.unit} ({docs_s:,.1f} docs/s, {tokens_s:,.0f} tokens/s, {mb_s:.2f} MB/s).",
                 file=self.stream,
                 flush=True,
             )

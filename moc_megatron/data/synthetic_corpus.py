@@ -38,48 +38,56 @@ CITIES = (
     "Hanoi Penang Perth Hobart Wellington Dunedin Quebec Halifax Winnipeg Calgary Portland Tucson Savannah "
     "Memphis Oaxaca Cordoba Valparaiso Cusco Recife Montevideo Nairobi Accra Dakar Tunis Fez"
 ).split()
-UNIVERSITY_FORMS = ("University of {city}", "{city} Institute of Technology", "{city} Polytechnic", "Royal College of {city}")
+UNIVERSITY_FORMS = (
+    "University of {city}",
+    "{city} Institute of Technology",
+    "{city} Polytechnic",
+    "Royal College of {city}",
+)
 MAJORS = (
-    "mathematics", "astronomy", "marine biology", "organic chemistry", "medieval history", "linguistics",
-    "architecture", "economics", "geology", "philosophy", "mechanical engineering", "music theory",
-    "computer science", "botany", "statistics", "civil engineering", "archaeology", "psychology",
-    "materials science", "oceanography", "comparative literature", "ecology", "neuroscience", "cartography",
-)
+    "mathematics|astronomy|marine biology|organic chemistry|medieval history|linguistics|architecture|"
+    "economics|geology|philosophy|mechanical engineering|music theory|computer science|botany|statistics|"
+    "civil engineering|archaeology|psychology|materials science|oceanography|comparative literature|"
+    "ecology|neuroscience|cartography"
+).split("|")
 PROFESSIONS = (
-    "cartographer", "glassblower", "patent attorney", "marine engineer", "veterinarian", "librarian",
-    "software developer", "bridge inspector", "perfumer", "air traffic controller", "cheesemaker",
-    "violin maker", "pharmacist", "seismologist", "typographer", "actuary", "beekeeper", "sound engineer",
-    "translator", "furniture restorer", "meteorologist", "tax auditor", "botanical illustrator", "locksmith",
-    "orthodontist", "museum curator", "urban planner", "data analyst", "ferry captain", "textile designer",
-)
+    "cartographer|glassblower|patent attorney|marine engineer|veterinarian|librarian|software developer|"
+    "bridge inspector|perfumer|air traffic controller|cheesemaker|violin maker|pharmacist|seismologist|"
+    "typographer|actuary|beekeeper|sound engineer|translator|furniture restorer|meteorologist|"
+    "tax auditor|botanical illustrator|locksmith|orthodontist|museum curator|urban planner|data analyst|"
+    "ferry captain|textile designer"
+).split("|")
 EMPLOYERS = (
-    "Brightwater Analytics", "Copperleaf Systems", "Northwind Shipping", "Halcyon Optics", "Ironbark Foundry",
-    "Bluefjord Energy", "Marlow & Finch", "Quillon Press", "Saltmarsh Biologics", "Tidewell Logistics",
-    "Kestrel Aeronautics", "Old Mill Bakeries", "Sunvale Cooperative", "Granite Peak Insurance",
-    "Larkspur Pharmaceuticals", "Emberline Studios", "Westgate Civic Trust", "Cobalt Ridge Mining",
-    "Foxglove Textiles", "Harbourlight Ferries", "Meridian Cartographics", "Stonebridge Architects",
-    "Verdant Loop Farms", "Orison Instruments", "Palisade Security", "Windrose Observatory",
-    "Amberfield Museum", "Nimbus Weather Service", "Juniper Lane Clinic", "Rookery Records",
-)
+    "Brightwater Analytics|Copperleaf Systems|Northwind Shipping|Halcyon Optics|Ironbark Foundry|"
+    "Bluefjord Energy|Marlow & Finch|Quillon Press|Saltmarsh Biologics|Tidewell Logistics|"
+    "Kestrel Aeronautics|Old Mill Bakeries|Sunvale Cooperative|Granite Peak Insurance|"
+    "Larkspur Pharmaceuticals|Emberline Studios|Westgate Civic Trust|Cobalt Ridge Mining|"
+    "Foxglove Textiles|Harbourlight Ferries|Meridian Cartographics|Stonebridge Architects|"
+    "Verdant Loop Farms|Orison Instruments|Palisade Security|Windrose Observatory|Amberfield Museum|"
+    "Nimbus Weather Service|Juniper Lane Clinic|Rookery Records"
+).split("|")
 COLOURS = (
-    "crimson", "teal", "ochre", "lavender", "emerald green", "navy blue", "amber", "coral", "indigo",
-    "mustard yellow", "sage green", "burgundy", "turquoise", "charcoal grey", "magenta", "ivory", "olive",
-    "cobalt blue", "peach", "violet",
-)
+    "crimson|teal|ochre|lavender|emerald green|navy blue|amber|coral|indigo|mustard yellow|sage green|"
+    "burgundy|turquoise|charcoal grey|magenta|ivory|olive|cobalt blue|peach|violet"
+).split("|")
 HOBBIES = (
-    "bird watching", "rock climbing", "chess", "pottery", "sailing", "origami", "beekeeping", "fencing",
-    "astrophotography", "calligraphy", "marathon running", "bonsai", "kayaking", "woodcarving", "birding by ear",
-    "amateur radio", "orienteering", "baking sourdough", "cross-country skiing", "knitting", "archery",
-    "collecting stamps", "playing the cello", "restoring old clocks",
-)
-MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
-)
+    "bird watching|rock climbing|chess|pottery|sailing|origami|beekeeping|fencing|astrophotography|"
+    "calligraphy|marathon running|bonsai|kayaking|woodcarving|birding by ear|amateur radio|orienteering|"
+    "baking sourdough|cross-country skiing|knitting|archery|collecting stamps|playing the cello|"
+    "restoring old clocks"
+).split("|")
+MONTHS = ("January|February|March|April|May|June|July|August|September|October|November|December").split("|")
 PRONOUNS = {"she": ("She", "her"), "he": ("He", "his")}
 
 ATTRIBUTES = (
-    "birth_date", "birth_city", "university", "major", "profession", "employer", "favourite_colour", "hobby",
+    "birth_date",
+    "birth_city",
+    "university",
+    "major",
+    "profession",
+    "employer",
+    "favourite_colour",
+    "hobby",
 )
 
 # Corpus templates: {S} is the subject (full name or pronoun), {P} its possessive, was "was"/"were".
@@ -181,9 +189,9 @@ def _ordinal(n: int) -> str:
 def generate_people(count: int, seed: int = 0) -> list[Person]:
     """``count`` people with unique names and random attributes; the same seed gives the same people."""
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if count > len(names):
-        names += [f"{f} {m}. {l}" for m in MIDDLE_INITIALS for f in FIRST_NAMES for l in LAST_NAMES]
+        names += [f"{first} {m}. {last}" for m in MIDDLE_INITIALS for first in FIRST_NAMES for last in LAST_NAMES]
     if count > len(names):
         raise ValueError(f"at most {len(names)} unique people can be generated, asked for {count}")
     chosen = rng.sample(names, count)

@@ -130,4 +130,5 @@ def text_corpus_documents(
         for name, text in sorted(pydoc_topics(root).items()):
             text = text.strip()
             if len(text) >= min_chars:
-                yield {"id": f"topics/{name}", "text": text, "source": f"{version} pydoc topics", "license": LICENSE_NAME}
+                source = f"{version} pydoc topics"
+                yield {"id": f"topics/{name}", "text": text, "source": source, "license": LICENSE_NAME}

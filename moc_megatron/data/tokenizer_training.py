@@ -71,7 +71,7 @@ def train_sentencepiece(
         eos_id=2,
         pad_id=3,
         user_defined_symbols=symbols,
-        num_threads=num_threads or os.cpu_count() or 1,
+        num_threads=num_threads or len(os.sched_getaffinity(0)),
         minloglevel=2,
     )
     return model_prefix + ".model"
