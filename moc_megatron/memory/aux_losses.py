@@ -49,7 +49,13 @@ def attach_router_losses(
 
 def set_aux_loss_scale(scale: torch.Tensor) -> None:
     """Scale of the aux losses' gradients; the training step sets ``loss_scale / num_microbatches``."""
-    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    current = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if current is None or current.shape != scale.shape or current.device != scale.device:
+        # megatron's autoscaler creates a 0-d default when a backward runs before any scale was set;
+        # copy_() into it would fail on shape, so replace it.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = scale.detach().clone()
+    else:
+        current.copy_(scale)
 
 
 def record_chapter_load(layer_number: int, per_chapter: torch.Tensor) -> None:
