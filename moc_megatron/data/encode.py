@@ -115,7 +115,10 @@ _ENCODER: ChunkEncoder | None = None
 def init_worker(tokenizer_type: str, tokenizer_model: str, keys: tuple[str, ...], append_eod: bool, dtype: str) -> None:
     """Pool initializer: load the tokenizer once per worker."""
     global _ENCODER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
+    # The parent handles Ctrl-C. SIGTERM (Pool.terminate) must kill at once: a Python-level handler inherited
+    # from the tool can miss a signal that lands just before the worker blocks on the task queue's lock.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
     _ENCODER = ChunkEncoder(build_tokenizer(tokenizer_type, tokenizer_model), keys, append_eod, dtype)
 

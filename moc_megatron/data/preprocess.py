@@ -171,7 +171,8 @@ def _partition_main(
     index: int,
 ) -> None:
     """Entry point of a partition process: writes its result (or its error) as JSON to ``stats_path``."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Terminated by the parent on failure: die at once (the pool's workers then see EOF and exit too).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def on_progress(docs: int, tokens: int, nbytes: int) -> None:
         counters[3 * index] += docs
@@ -243,7 +244,12 @@ def _run_partitions(
         for p in procs:
             if p.is_alive():
                 p.terminate()
-            p.join()
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
 
     total = _new_stats(config.json_keys)
     for path in stats_paths:
