@@ -1,9 +1,9 @@
-"""Runs one MoC memory layer under a TP x EP layout and saves full outputs and gradients.
+"""Runs one MoC memory layer under a TP x EP (x SP) layout and saves full outputs and gradients.
 
-Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, SP,
-CASES (comma-separated ``unit:gating`` pairs), OUT (file written by rank 0: one result per case). The data batch is split over the data-parallel ranks (the
-expert-parallel ranks are data-parallel ranks too, as in megatron); the saved tensors are reassembled
-so that every layout must produce the single-process values.
+Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, SP, CASES
+(comma-separated ``unit:gating`` pairs) and OUT (written by rank 0: one result per case). The batch is
+split over the data-parallel ranks (the expert-parallel ranks are data-parallel ranks too, as in
+megatron); the saved tensors are reassembled so that every layout must give the single-process values.
 """
 
 from __future__ import annotations
