@@ -11,11 +11,9 @@ were skipped (``--skip-bad-lines``); 130/143 interrupted by SIGINT/SIGTERM (noth
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from moc_megatron.data.tool_runner import EXIT_OK, EXIT_SKIPPED, print_skipped_and_outputs, run_guarded
 
 EPILOG = """\
 policies:
@@ -70,10 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def print_summary(stats, keys: list[str]) -> None:
     """Final report on stderr."""
     secs = max(stats.seconds, 1e-9)
@@ -88,20 +82,12 @@ def print_summary(stats, keys: list[str]) -> None:
             f"  {key}: {stats.written[key]} documents written, {stats.empty_documents[key]} empty documents dropped",
             file=sys.stderr,
         )
-    if stats.blank_lines:
-        print(f"  {stats.blank_lines} blank lines ignored", file=sys.stderr)
-    if stats.bad_lines:
-        print(f"  {stats.bad_lines} bad lines skipped; the first {len(stats.bad_examples)}:", file=sys.stderr)
-        for example in stats.bad_examples:
-            print(f"    {example}", file=sys.stderr)
-    for path in stats.outputs:
-        print(f"  wrote {path}", file=sys.stderr)
+    print_skipped_and_outputs(stats)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from moc_megatron.data.jsonl import BadInputError, InputError
     from moc_megatron.data.preprocess import PreprocessConfig, preprocess
 
     config = PreprocessConfig(
@@ -118,23 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes=args.chunk_bytes,
         progress=not args.no_progress,
     )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
-    try:
-        stats = preprocess(config)
-    except BadInputError as exc:
-        print(f"error: bad input line: {exc}", file=sys.stderr)
-        print("(nothing written; use --skip-bad-lines to skip such lines)", file=sys.stderr)
-        return EXIT_FAILED
-    except (InputError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    stats = run_guarded(lambda: preprocess(config))
+    if isinstance(stats, int):
+        return stats
     print_summary(stats, list(config.json_keys))
     return EXIT_SKIPPED if stats.bad_lines else EXIT_OK
 

@@ -11,11 +11,9 @@ Exit status: 0 ok; 1 failed (nothing written); 2 bad arguments; 3 finished, but 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from moc_megatron.data.tool_runner import EXIT_OK, EXIT_SKIPPED, print_skipped_and_outputs, run_guarded
 
 EPILOG = """\
 chat template:
@@ -68,14 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from moc_megatron.data.jsonl import BadInputError, InputError
     from moc_megatron.data.sft_preprocess import SFTConfig, preprocess_sft
 
     config = SFTConfig(
@@ -92,23 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes=args.chunk_bytes,
         progress=not args.no_progress,
     )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
-    try:
-        stats = preprocess_sft(config)
-    except BadInputError as exc:
-        print(f"error: bad input line: {exc}", file=sys.stderr)
-        print("(nothing written; use --skip-bad-lines to skip such lines)", file=sys.stderr)
-        return EXIT_FAILED
-    except (InputError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    stats = run_guarded(lambda: preprocess_sft(config))
+    if isinstance(stats, int):
+        return stats
     secs = max(stats.seconds, 1e-9)
     print(
         f"Done: {stats.conversations} conversations in {stats.samples} samples, {stats.tokens} tokens "
@@ -123,14 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if stats.dropped_no_assistant:
         print(f"  {stats.dropped_no_assistant} conversations without assistant tokens dropped", file=sys.stderr)
-    if stats.blank_lines:
-        print(f"  {stats.blank_lines} blank lines ignored", file=sys.stderr)
-    if stats.bad_lines:
-        print(f"  {stats.bad_lines} bad lines skipped; the first {len(stats.bad_examples)}:", file=sys.stderr)
-        for example in stats.bad_examples:
-            print(f"    {example}", file=sys.stderr)
-    for path in stats.outputs:
-        print(f"  wrote {path}", file=sys.stderr)
+    print_skipped_and_outputs(stats)
     return EXIT_SKIPPED if stats.bad_lines else EXIT_OK
 
 
