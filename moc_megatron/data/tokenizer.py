@@ -34,25 +34,29 @@ class MoCTokenizer(ABC):
     chat_template: str | None = None
     """The tokenizer's own Jinja chat template, or ``None``."""
 
+    _eod: int
+    _pad: int
+    _bos: int | None
+
     @property
     @abstractmethod
     def vocab_size(self) -> int:
         """Number of token ids (special and added tokens included)."""
 
     @property
-    @abstractmethod
     def eod(self) -> int:
         """End-of-document token id."""
+        return self._eod
 
     @property
-    @abstractmethod
     def pad(self) -> int:
         """Padding token id (``eod`` when the tokenizer has no pad token)."""
+        return self._pad
 
     @property
-    @abstractmethod
     def bos(self) -> int | None:
         """Beginning-of-sequence token id, or ``None``."""
+        return self._bos
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -123,21 +127,6 @@ class SentencePieceTokenizer(MoCTokenizer):
     def vocab_size(self) -> int:
         """Number of pieces in the model."""
         return self._sp.get_piece_size()
-
-    @property
-    def eod(self) -> int:
-        """Id of the eos piece."""
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        """Id of the pad piece, or ``eod``."""
-        return self._pad
-
-    @property
-    def bos(self) -> int | None:
-        """Id of the bos piece, or ``None``."""
-        return self._bos
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (no bos/eos)."""
@@ -231,21 +220,6 @@ class HuggingFaceTokenizer(MoCTokenizer):
     def vocab_size(self) -> int:
         """Vocabulary size, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def eod(self) -> int:
-        """Id of the eos token."""
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        """Id of the pad token, or ``eod``."""
-        return self._pad
-
-    @property
-    def bos(self) -> int | None:
-        """Id of the bos token, or ``None``."""
-        return self._bos
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without the post-processor's special tokens."""
