@@ -13,4 +13,4 @@ fi
 . .venv/bin/activate
 echo "[setup] installing moc-megatron with the CPU pins (torch==2.13.0, megatron-core==0.16.1)"
 pip install --quiet --disable-pip-version-check -e ".[cpu,dev]"
-python -c "import torch, megatron.core as mc; print(f'[setup] torch {torch.__version__}, megatron-core {mc.__version__}')"
+python -W ignore -c "import torch, megatron.core as mc; print(f'[setup] torch {torch.__version__}, megatron-core {mc.__version__}')"

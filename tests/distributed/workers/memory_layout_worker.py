@@ -41,15 +41,19 @@ def main() -> None:
     initialize_distributed(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     results = {}
     for case in os.environ["CASES"].split(","):
-        unit, gating = case.split(":")
-        results[case] = run_case(tp, ep, sp, unit, gating)
+        unit, gating, *skewed = case.split(":")
+        results[case] = run_case(tp, ep, sp, unit, gating, skewed == ["skewed"])
     if dist.get_rank() == 0:
         torch.save(results, os.environ["OUT"])
     destroy_distributed()
 
 
-def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str) -> dict[str, torch.Tensor]:
-    """Forward and backward of one memory layer; returns full (reassembled) tensors."""
+def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str, skewed: bool) -> dict[str, torch.Tensor]:
+    """Forward and backward of one memory layer; returns full (reassembled) tensors.
+
+    ``skewed``: the router is biased so every unit picks chapters 0..k-1, all on the first EP rank; the
+    other ranks then receive nothing and must still take part in both all-to-alls.
+    """
     config = MoCConfig(
         num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, moc_memory_layers=[0], moc_num_chapters=9,
         moc_num_shared_chapters=1, moc_top_k=3, moc_chapter_size=4, moc_shared_bank=False, moc_chunk_size=4,
@@ -64,6 +68,9 @@ def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str) -> dict[str, to
         width = module.linear_o.weight.shape[1]
         tp_rank = ps.get_tensor_model_parallel_rank()
         module.linear_o.weight.copy_(full_o[:, tp_rank * width:(tp_rank + 1) * width] * 0.2)
+        if skewed:
+            module.router.bias.copy_(torch.full_like(module.router.bias, -1e3))
+            module.router.bias[: config.moc_top_k] = 1e3
     module.train()
 
     data = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
