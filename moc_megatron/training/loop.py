@@ -102,8 +102,14 @@ def _resume_hint(args: argparse.Namespace, path: str) -> str:
             f" so keep --lr-decay-iters or pass --override-opt_param-scheduler)")
 
 
-def pretrain(args: argparse.Namespace) -> PretrainResult:
-    """Train for ``args.train_iters`` iterations (resuming from ``--load``); collective over all ranks."""
+def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func=None) -> PretrainResult:
+    """Train for ``args.train_iters`` iterations (resuming from ``--load``); collective over all ranks.
+
+    ``datasets_provider(args, tokenizer) -> (train, valid, test)`` replaces :func:`build_datasets` and
+    ``forward_step_func`` replaces :func:`train_step.forward_step` (both used by ``finetune_moc.py``).
+    """
+    datasets_provider = datasets_provider or build_datasets
+    step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
     initialize(args)
     tokenizer, tokenizer_vocab = _tokenizer(args)
     config = transformer_config_from_args(args)
@@ -113,7 +119,7 @@ def pretrain(args: argparse.Namespace) -> PretrainResult:
     iteration, consumed = load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings)
     result = PretrainResult(start_iteration=iteration, iteration=iteration)
 
-    train_ds, valid_ds, _ = build_datasets(args, tokenizer)
+    train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
     chunks = len(stack.model)
     train_iterators = data_iterators(train_ds, consumed, args, chunks) if iteration < args.train_iters else None
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
@@ -124,7 +130,7 @@ def pretrain(args: argparse.Namespace) -> PretrainResult:
     last_saved = iteration
     print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
     while iteration < args.train_iters:
-        step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler)
+        step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
         iteration += 1
         consumed += args.global_batch_size
         aux = reduce_memory_aux_losses(config, args.num_microbatches)
@@ -135,7 +141,7 @@ def pretrain(args: argparse.Namespace) -> PretrainResult:
                                   stack.optimizer.get_loss_scale().item())
         paused = time.perf_counter()
         if do_valid and iteration % args.eval_interval == 0:
-            _validate(args, valid_ds, stack, iteration, logger, result)
+            _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
                                                 config, settings, consumed)
@@ -144,7 +150,7 @@ def pretrain(args: argparse.Namespace) -> PretrainResult:
         logger.exclude(time.perf_counter() - paused)
     result.iteration = iteration
     if do_valid and iteration % args.eval_interval and iteration > result.start_iteration:
-        _validate(args, valid_ds, stack, iteration, logger, result)
+        _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
     if args.save and iteration > last_saved:
         result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
                                             config, settings, consumed)
@@ -163,9 +169,9 @@ def _on_any_rank(flag: bool) -> bool:
 
 
 def _validate(args, valid_ds, stack: TrainingStack, iteration: int, logger: TrainingLogger,
-              result: PretrainResult) -> None:
+              result: PretrainResult, **step_kwargs) -> None:
     iterators = data_iterators(valid_ds, 0, args, len(stack.model))
-    losses = evaluate(args, iterators, stack.model)
+    losses = evaluate(args, iterators, stack.model, **step_kwargs)
     logger.validation(iteration, losses)
     if LM_LOSS in losses:
         result.validation_losses[iteration] = losses[LM_LOSS]

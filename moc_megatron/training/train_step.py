@@ -71,8 +71,12 @@ class StepResult:
 
 
 def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
-               optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler) -> StepResult:
-    """Forward/backward over ``num_microbatches`` micro-batches, gradient finalisation, optimizer step."""
+               optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+               forward_step_func=forward_step) -> StepResult:
+    """Forward/backward over ``num_microbatches`` micro-batches, gradient finalisation, optimizer step.
+
+    ``forward_step_func`` is megatron's forward step (default :func:`forward_step`; SFT passes its own).
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -82,7 +86,7 @@ def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch
     loss_scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
     set_aux_loss_scale(loss_scale / args.num_microbatches)
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=data_iterators,
         model=model,
         num_microbatches=args.num_microbatches,
@@ -97,7 +101,8 @@ def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch
     return StepResult(reduce_losses(losses), grad_norm, bool(update_successful), num_zeros)
 
 
-def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module]) -> dict[str, float]:
+def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+             forward_step_func=forward_step) -> dict[str, float]:
     """Forward-only loss over ``eval_iters`` global batches (on the last stage; ``{}`` elsewhere)."""
     for chunk in model:
         chunk.eval()
@@ -105,7 +110,7 @@ def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.n
     with torch.no_grad():
         for _ in range(args.eval_iters):
             collected += get_forward_backward_func()(
-                forward_step_func=forward_step,
+                forward_step_func=forward_step_func,
                 data_iterator=data_iterators,
                 model=model,
                 num_microbatches=args.num_microbatches,

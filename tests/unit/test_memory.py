@@ -9,7 +9,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
 from moc_megatron.config import MoCConfig
-from moc_megatron.memory.aux_losses import pop_chapter_load
+from moc_megatron.memory.aux_losses import pop_chapter_load, set_aux_loss_scale
 from moc_megatron.memory.chapter_attention import chapter_attention, merge_partials
 from moc_megatron.memory.memory_attention import MoCMemoryAttention
 from moc_megatron.memory.router import pool_routing_units
@@ -213,6 +213,7 @@ def test_aux_losses_values_and_gradients():
         module.linear_o.weight.zero_()  # no LM gradient: whatever reaches the router is the aux losses'
     clear_aux_losses_tracker()
     pop_chapter_load()
+    set_aux_loss_scale(torch.ones(1))  # a training run earlier in this process may have left another scale
     hidden = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64)
     out, _ = module(hidden)
     out.sum().backward()

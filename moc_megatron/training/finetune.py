@@ -1,0 +1,228 @@
+"""Instruction tuning (SFT) of a pretrained MoC checkpoint: ``finetune_moc.py``.
+
+Reuses ``pretrain_moc.py``'s parser, validation, setup and loop (:func:`loop.pretrain`) and swaps in:
+
+- the data: ``--sft-data-path PREFIX`` (``tools/preprocess_sft.py`` output) read by :class:`SFTDataset`,
+  split into train/valid/test over samples by ``--split`` and repeated (reshuffled per epoch) as needed;
+- the forward step: the loss counts only assistant tokens (``loss_mask``), and a packed sample gets a
+  block-causal attention mask (conversations never attend to each other) and per-conversation position ids;
+- the start: weights from ``--pretrained-checkpoint`` (iteration 0, no optimizer/scheduler/RNG, as
+  Megatron-LM's ``--finetune``), unless ``--load`` holds a checkpoint of this finetuning run to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from megatron.core.utils import get_attr_wrapped_model
+
+from moc_megatron import platform
+from moc_megatron.data.sft_dataset import SFTDataset, packed_attention_mask
+from moc_megatron.presets import get_preset
+from moc_megatron.training import checkpoint_meta as meta
+from moc_megatron.training.arguments import build_parser, preset_defaults
+from moc_megatron.training.logging import print_rank_0
+from moc_megatron.training.train_step import loss_func
+from moc_megatron.training.validate_args import ArgumentsError, validate_args
+
+IFT_EPILOG = """\
+The paper's instruction-tuning (IFT) recipe:
+  --lr-decay-style cosine --lr-warmup-iters 250 --lr 3e-5 --moc-memory-lr 1.5e-5 --moc-bank-lr 5e-6
+  (or --moc-freeze-bank instead of --moc-bank-lr)
+
+Data: --sft-data-path PREFIX is the --output-prefix of tools/preprocess_sft.py (use its --pack-length =
+--seq-length); --split divides its samples into train/valid/test. Loss is on assistant tokens only.
+Packed conversations are isolated from each other in attention. Note: with --moc-routing-unit sequence
+or chunk the memory router pools over the whole packed sample, so packed conversations can still
+influence each other's chapter choice; --moc-routing-unit token (or no packing) isolates them fully.
+
+Start: --pretrained-checkpoint DIR (a pretrain_moc.py --save directory) loads the model weights only and
+starts at iteration 0; with --load DIR holding a checkpoint of this finetuning run, it resumes instead.
+"""
+
+
+def build_finetune_parser() -> argparse.ArgumentParser:
+    """``pretrain_moc.py``'s parser plus the instruction-tuning flags."""
+    parser = build_parser()
+    parser.description = "Instruction-tune (SFT) a pretrained Mixture-of-Chapters model on chat data."
+    parser.epilog = IFT_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = parser.add_argument_group("instruction tuning")
+    g.add_argument("--sft-data-path", default=None,
+                   help="Output prefix of tools/preprocess_sft.py (instead of --data-path).")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="A pretrain_moc.py --save directory: weights only, iteration 0 (unless --load resumes).")
+    return parser
+
+
+def validate_finetune_args(args: argparse.Namespace) -> None:
+    """:func:`validate_args` with ``--sft-data-path`` as the data source."""
+    if args.sft_data_path is None:
+        raise ArgumentsError("finetune_moc.py needs --sft-data-path (the output prefix of tools/preprocess_sft.py)")
+    other = [flag for flag, value in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                                      ("--valid-data-path", args.valid_data_path),
+                                      ("--test-data-path", args.test_data_path), ("--mock-data", args.mock_data))
+             if value]
+    if other:
+        raise ArgumentsError(f"--sft-data-path replaces {', '.join(other)}: give only --sft-data-path")
+    if args.tokenizer_type is None or args.tokenizer_model is None:
+        raise ArgumentsError("--sft-data-path needs --tokenizer-type and --tokenizer-model (those of the data)")
+    if args.pretrained_checkpoint is None and args.load is None:
+        raise ArgumentsError("give --pretrained-checkpoint (or --load to resume a finetuning run)")
+    args.mock_data = True  # stands in for the SFT data during the shared checks only
+    try:
+        validate_args(args)
+    finally:
+        args.mock_data = False
+    args.data_blend = None
+    args.data_blend_per_split = None
+    sft_split(args.split, 1)  # the --split string parses
+
+
+def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | None = None,
+                        exit_on_error: bool = True) -> argparse.Namespace:
+    """As :func:`arguments.parse_args`, for ``finetune_moc.py``."""
+    parser = build_finetune_parser()
+    try:
+        known, _ = parser.parse_known_args(argv)
+        if known.preset is not None:
+            parser.set_defaults(**preset_defaults(get_preset(known.preset), parser))
+        args = parser.parse_args(argv)
+        args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        validate_finetune_args(args)
+    except ArgumentsError as exc:
+        if exit_on_error:
+            parser.error(str(exc))
+        raise
+    return args
+
+
+def resolve_start(args: argparse.Namespace) -> str:
+    """Point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``."""
+    if args.load is not None and meta.read_tracker(args.load) is not None:
+        return "resume"
+    if args.pretrained_checkpoint is None:
+        raise FileNotFoundError(f"--load {args.load}: no {meta.TRACKER_FILENAME}, and no --pretrained-checkpoint")
+    if meta.read_tracker(args.pretrained_checkpoint) is None:
+        raise FileNotFoundError(
+            f"--pretrained-checkpoint {args.pretrained_checkpoint}: no {meta.TRACKER_FILENAME} "
+            "(not a --save directory)")
+    args.load = args.pretrained_checkpoint
+    args.finetune = True
+    return "pretrained"
+
+
+def sft_split(split: str, num_samples: int) -> list[range]:
+    """Contiguous train/valid/test ranges of ``num_samples`` sample indices by ``--split`` weights."""
+    try:
+        weights = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
+    except ValueError as exc:
+        raise ArgumentsError(f"--split {split!r}: give comma-separated weights") from exc
+    weights = (weights + [0.0, 0.0, 0.0])[:3]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ArgumentsError(f"--split {split!r}: weights must be non-negative and not all zero")
+    bounds = np.concatenate([[0], np.round(np.cumsum(weights) / sum(weights) * num_samples)]).astype(int)
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class RepeatedSplit(torch.utils.data.Dataset):
+    """``num_samples`` samples drawn epoch by epoch from ``indices`` of ``dataset`` (reshuffled per epoch)."""
+
+    def __init__(self, dataset: SFTDataset, indices: range, num_samples: int, seed: int, shuffle: bool) -> None:
+        if len(indices) == 0:
+            raise ValueError("empty split")
+        self.dataset, self.indices, self.num_samples = dataset, np.asarray(indices), num_samples
+        self.seed, self.shuffle = seed, shuffle
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            order = self.indices
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(int(idx), len(self.indices))
+        return self.dataset[int(self._order(epoch)[pos])]
+
+
+def build_sft_datasets(args: argparse.Namespace, tokenizer=None) -> tuple:
+    """``(train, valid, test)`` over ``--sft-data-path`` (``None`` for an empty split).
+
+    Built on every rank: middle pipeline stages need the segment ids for the attention mask.
+    """
+    base = SFTDataset(args.sft_data_path, args.seq_length)
+    gbs = args.global_batch_size
+    sizes = [args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs]
+    out = []
+    for i, (indices, size) in enumerate(zip(sft_split(args.split, len(base)), sizes)):
+        ok = len(indices) > 0 and size > 0
+        out.append(RepeatedSplit(base, indices, size, args.seed, shuffle=i == 0) if ok else None)
+    print_rank_0(f" > SFT data {args.sft_data_path}: {len(base)} samples, split "
+                 f"{[len(r) for r in sft_split(args.split, len(base))]} (train/valid/test)")
+    return tuple(out)
+
+
+def sft_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """:func:`train_step.loss_func` on assistant tokens; a micro-batch without any still divides by 1."""
+    loss_sum, num_tokens, report = loss_func(loss_mask, output_tensor)
+    return loss_sum, num_tokens.clamp(min=1), report
+
+
+def sft_batch(data_iterator) -> dict[str, torch.Tensor]:
+    """The next SFT micro-batch on the device, with its block-causal ``attention_mask`` [b, 1, s, s]."""
+    batch = next(data_iterator)
+    device = platform.get_device()
+    batch = {k: batch[k].to(device, non_blocking=True)
+             for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")}
+    batch["attention_mask"] = packed_attention_mask(batch["segment_ids"])
+    return batch
+
+
+def sft_forward_step(data_iterator, model: torch.nn.Module):
+    """megatron ``forward_step_func`` for SFT: masked (assistant-only) loss, block-causal attention.
+
+    Every stage reads the batch (the mask is needed in every layer). RoPE is relative, so within the
+    block-causal mask per-conversation positions are equivalent to the ``position_ids`` passed here.
+    """
+    pre_process = get_attr_wrapped_model(model, "pre_process")
+    post_process = get_attr_wrapped_model(model, "post_process")
+    batch = sft_batch(data_iterator)
+    output = model(
+        batch["tokens"] if pre_process else None,
+        batch["position_ids"] if pre_process else None,
+        batch["attention_mask"],
+        labels=batch["labels"] if post_process else None,
+    )
+    return output, partial(sft_loss_func, batch["loss_mask"])
+
+
+def _print_first_rank(message: str) -> None:
+    """Print on global rank 0 (torchrun's ``RANK``); usable before the process group exists."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def finetune(args: argparse.Namespace):
+    """Instruction-tune; returns the loop's ``PretrainResult``."""
+    from moc_megatron.training.loop import pretrain
+
+    start = resolve_start(args)
+    if start == "pretrained":
+        _print_first_rank(f" > finetuning from pretrained weights {args.pretrained_checkpoint} (iteration 0)")
+    else:
+        _print_first_rank(f" > resuming the finetuning run in {args.load}")
+    if args.moc_memory_layers and args.moc_routing_unit != "token":
+        _print_first_rank(f" > note: --moc-routing-unit {args.moc_routing_unit} pools over the whole packed sample; "
+                          "packed conversations share their chapter routing (attention is still block-causal)")
+    return pretrain(args, datasets_provider=build_sft_datasets, forward_step_func=sft_forward_step)
