@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moc_megatron.data.tokenizer import TOKENIZER_TYPES
@@ -198,20 +198,22 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
-               exit_on_error: bool = True) -> argparse.Namespace:
+               exit_on_error: bool = True, parser: argparse.ArgumentParser | None = None,
+               validate: Callable[[argparse.Namespace], None] = validate_args) -> argparse.Namespace:
     """Parse, apply ``--preset``, validate and derive (``data_parallel_size``, ``num_microbatches``, ...).
 
     ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it). With ``exit_on_error`` a bad
     combination prints the message and exits with status 2; otherwise :class:`ArgumentsError` is raised.
+    ``parser`` and ``validate`` default to ``pretrain_moc.py``'s (``finetune_moc.py`` passes its own).
     """
-    parser = build_parser()
+    parser = parser or build_parser()
     try:
         known, _ = parser.parse_known_args(argv)
         if known.preset is not None:
             parser.set_defaults(**preset_defaults(get_preset(known.preset), parser))
         args = parser.parse_args(argv)
         args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        validate_args(args)
+        validate(args)
     except ArgumentsError as exc:
         if exit_on_error:
             parser.error(str(exc))

@@ -23,9 +23,8 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from moc_megatron import platform
 from moc_megatron.data.sft_dataset import SFTDataset, packed_attention_mask
-from moc_megatron.presets import get_preset
 from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training.arguments import build_parser, preset_defaults
+from moc_megatron.training.arguments import build_parser, parse_args
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.train_step import loss_func
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
@@ -87,19 +86,8 @@ def validate_finetune_args(args: argparse.Namespace) -> None:
 def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | None = None,
                         exit_on_error: bool = True) -> argparse.Namespace:
     """As :func:`arguments.parse_args`, for ``finetune_moc.py``."""
-    parser = build_finetune_parser()
-    try:
-        known, _ = parser.parse_known_args(argv)
-        if known.preset is not None:
-            parser.set_defaults(**preset_defaults(get_preset(known.preset), parser))
-        args = parser.parse_args(argv)
-        args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        validate_finetune_args(args)
-    except ArgumentsError as exc:
-        if exit_on_error:
-            parser.error(str(exc))
-        raise
-    return args
+    return parse_args(argv, world_size, exit_on_error, parser=build_finetune_parser(),
+                      validate=validate_finetune_args)
 
 
 def resolve_start(args: argparse.Namespace) -> str:
