@@ -25,13 +25,12 @@ import argparse
 import importlib
 import statistics
 import sys
-import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from _timing import time_interleaved
 
 if TYPE_CHECKING:
     from moc_megatron.memory.memory_attention import MoCMemoryAttention
@@ -224,27 +223,6 @@ def zero_grads(module: torch.nn.Module, *tensors: torch.Tensor) -> None:
         p.grad = None
     for t in tensors:
         t.grad = None
-
-
-def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int,
-                     iters: int) -> dict[str, dict[str, list[float]]]:
-    """Wall-clock and process CPU milliseconds per call of each step, alternating which runs first each round.
-
-    CPU time (all threads of this process) is less disturbed by other processes than wall-clock time; with
-    one thread it is the work done.
-    """
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for i in range(iters):
-        for name in names if i % 2 == 0 else reversed(names):
-            wall, cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            times[name]["cpu"].append((time.process_time() - cpu) * 1e3)
-            times[name]["wall"].append((time.perf_counter() - wall) * 1e3)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
