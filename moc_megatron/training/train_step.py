@@ -70,6 +70,21 @@ class StepResult:
     num_zeros_in_grad: int | None
 
 
+def _run_schedule(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+                  forward_step_func, forward_only: bool) -> list[dict]:
+    """One global batch through megatron's pipeline schedule; the per-micro-batch loss dicts."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterators,
+        model=model,
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length,
+        forward_only=forward_only,
+    )
+
+
 def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
                optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                forward_step_func=forward_step) -> StepResult:
@@ -85,16 +100,7 @@ def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch
     # router losses of the memory, exactly as they would: loss scale / number of micro-batches.
     loss_scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
     set_aux_loss_scale(loss_scale / args.num_microbatches)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterators,
-        model=model,
-        num_microbatches=args.num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        decoder_seq_length=args.seq_length,
-        forward_only=False,
-    )
+    losses = _run_schedule(args, data_iterators, model, forward_step_func, forward_only=False)
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler_step(scheduler, args)
@@ -109,16 +115,7 @@ def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.n
     collected: list[dict] = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            collected += get_forward_backward_func()(
-                forward_step_func=forward_step_func,
-                data_iterator=data_iterators,
-                model=model,
-                num_microbatches=args.num_microbatches,
-                seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size,
-                decoder_seq_length=args.seq_length,
-                forward_only=True,
-            )
+            collected += _run_schedule(args, data_iterators, model, forward_step_func, forward_only=True)
     for chunk in model:
         chunk.train()
     return reduce_losses(collected)
