@@ -34,6 +34,7 @@ from moc_megatron.data.jsonl import (
 from moc_megatron.data.pool import ordered_map
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import build_tokenizer
+from moc_megatron.data.tool_runner import RunStats
 
 
 @dataclass
@@ -71,23 +72,16 @@ class PreprocessConfig:
 
 
 @dataclass
-class PreprocessStats:
+class PreprocessStats(RunStats):
     """Counts of one run (or one partition)."""
 
     documents: int = 0
     """Input lines that became documents (blank and bad lines excluded)."""
     tokens: int = 0
     """Tokens written, all keys together."""
-    input_bytes: int = 0
-    """Uncompressed input bytes read."""
-    blank_lines: int = 0
-    bad_lines: int = 0
-    bad_examples: list[str] = field(default_factory=list)
     empty_documents: dict[str, int] = field(default_factory=dict)
     written: dict[str, int] = field(default_factory=dict)
     """Documents written per key (``documents`` minus that key's empty documents)."""
-    seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)
 
     def add(self, other: PreprocessStats) -> None:
         """Accumulate another partition's counts."""

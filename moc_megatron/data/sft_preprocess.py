@@ -38,6 +38,7 @@ from moc_megatron.data.packing import FirstFitPacker
 from moc_megatron.data.pool import ordered_map
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
+from moc_megatron.data.tool_runner import RunStats
 
 SFT_FORMAT = "moc-sft-v1"
 
@@ -63,7 +64,7 @@ class SFTConfig:
 
 
 @dataclass
-class SFTStats:
+class SFTStats(RunStats):
     """Counts of one SFT preprocessing run."""
 
     conversations: int = 0
@@ -75,12 +76,6 @@ class SFTStats:
     """Conversations longer than ``pack_length`` (packing never splits one)."""
     dropped_no_assistant: int = 0
     """Conversations without any assistant token: nothing to learn from."""
-    blank_lines: int = 0
-    bad_lines: int = 0
-    bad_examples: list[str] = field(default_factory=list)
-    input_bytes: int = 0
-    seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)
 
     def packing_efficiency(self, pack_length: int | None) -> float:
         """Fraction of sample slots holding tokens (1.0 without packing)."""

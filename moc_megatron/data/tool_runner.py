@@ -6,11 +6,25 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 Stats = TypeVar("Stats")
+
+
+@dataclass
+class RunStats:
+    """What every preprocessing run counts about its input and output."""
+
+    input_bytes: int = 0
+    """Uncompressed input bytes read."""
+    blank_lines: int = 0
+    bad_lines: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -44,7 +58,7 @@ def run_guarded(work: Callable[[], Stats]) -> Stats | int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def print_skipped_and_outputs(stats) -> None:
+def print_skipped_and_outputs(stats: RunStats) -> None:
     """The closing lines both tools print: blank and bad lines, and the files written."""
     if stats.blank_lines:
         print(f"  {stats.blank_lines} blank lines ignored", file=sys.stderr)
