@@ -1,0 +1,91 @@
+"""Read a megatron ``torch_dist`` checkpoint tensor by tensor, without building the model.
+
+The checkpoint's ``.metadata`` (torch.distributed.checkpoint) holds every tensor's global shape and
+where its pieces lie in the ``*.distcp`` files, whatever TP/PP/EP/VPP layout saved it; loading one key
+into a tensor of its global shape reassembles it in this one process (``no_dist=True``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from moc_megatron.training import checkpoint_meta as meta
+
+
+class CheckpointReadError(RuntimeError):
+    """The checkpoint is missing, incomplete or not a torch_dist checkpoint."""
+
+
+def resolve_checkpoint(load: str, iteration: int | None) -> str:
+    """``{load}/iter_XXXXXXX`` of ``iteration`` (default: the tracker's), or ``load`` itself if it is one."""
+    if os.path.isfile(os.path.join(load, ".metadata")):
+        return load
+    if iteration is None:
+        iteration = meta.read_tracker(load)
+        if iteration is None:
+            raise CheckpointReadError(f"--load {load}: no {meta.TRACKER_FILENAME} and no .metadata (give --iteration "
+                                      "or a checkpoint folder)")
+    path = meta.checkpoint_path(load, iteration)
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointReadError(f"{path}: no torch_dist checkpoint there (no .metadata)")
+    return path
+
+
+class DistCheckpointReader:
+    """Tensor-by-tensor access to one ``torch_dist`` checkpoint folder."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+        except FileNotFoundError as exc:
+            raise CheckpointReadError(f"{path}: no common.pt (not a complete megatron checkpoint)") from exc
+        self._reader = FileSystemReader(path)
+        self.metadata = self._reader.read_metadata()
+        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                        if isinstance(v, TensorStorageMetadata)}
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every ``.distcp`` file the metadata points into exists and is long enough (not truncated)."""
+        needed: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        for name, end in sorted(needed.items()):
+            file = os.path.join(self.path, name)
+            if not os.path.isfile(file):
+                raise CheckpointReadError(f"{file}: missing (the checkpoint's metadata refers to it)")
+            size = os.path.getsize(file)
+            if size < end:
+                raise CheckpointReadError(f"{file}: truncated ({size} bytes, the metadata needs {end})")
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """Global shape of ``key``, or ``None`` if the checkpoint has no such tensor."""
+        md = self.tensors.get(key)
+        return None if md is None else tuple(md.size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of ``key``."""
+        return self.tensors[key].properties.dtype
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of ``key`` at its stored dtype."""
+        md = self.tensors[key]
+        return md.size.numel() * torch.empty((), dtype=md.properties.dtype).element_size()
+
+    def load(self, key: str) -> torch.Tensor:
+        """The whole global tensor ``key`` (assembled from however many ranks saved pieces of it)."""
+        md = self.tensors.get(key)
+        if md is None:
+            raise CheckpointReadError(f"{self.path}: no tensor {key!r}")
+        tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        if tensor.numel() == 0:
+            return tensor
+        dcp_load({key: tensor}, storage_reader=self._reader, no_dist=True)
+        return tensor

@@ -1,0 +1,147 @@
+"""Megatron ``torch_dist`` checkpoint (any TP/PP/EP/VPP layout) -> Hugging Face MoC folder.
+
+Everything is checked before anything is written (model shape, shard files, tokenizer); the folder is
+built under a hidden ``.NAME.partial`` sibling and renamed to its final name at the very end, so an
+interrupted export leaves nothing that looks complete. Tensors are read one Megatron key at a time
+and each safetensors shard is written as soon as it is full: peak memory is about one shard plus the
+largest tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moc_megatron.hf import names
+from moc_megatron.hf.dist_reader import DistCheckpointReader, resolve_checkpoint
+from moc_megatron.hf.hf_tokenizer import TokenizerSpec, check_tokenizer, write_tokenizer
+from moc_megatron.hf.shard_writer import ShardWriter, parse_size, plan_shards
+
+MODEL_FILES = ("configuration_moc.py", "modeling_moc.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_moc.MoCConfig",
+    "AutoModel": "modeling_moc.MoCModel",
+    "AutoModelForCausalLM": "modeling_moc.MoCForCausalLM",
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported as asked (message says what and where)."""
+
+
+@dataclass
+class ExportOptions:
+    """What ``convert_checkpoint.py export`` was asked to do."""
+
+    load: str
+    output: str
+    iteration: int | None = None
+    tokenizer_model: str | None = None
+    tokenizer_type: str | None = None
+    dtype: str = "fp32"
+    max_shard_size: str = "5GB"
+
+
+def staging_folder(output: str) -> str:
+    """Hidden sibling of ``output`` that an export or import writes into before renaming it."""
+    parent, name = os.path.split(os.path.abspath(output.rstrip("/")))
+    return os.path.join(parent, f".{name}.partial")
+
+
+def _locate(reader: DistCheckpointReader, key: str) -> str | None:
+    """``key`` as stored: the local spec's norm key or Transformer Engine's."""
+    if reader.shape(key) is not None:
+        return key
+    for local, te in names.NORM_KEY_ALTERNATIVES.items():
+        if key.endswith(local):
+            alt = key[: len(key) - len(local)] + te
+            if reader.shape(alt) is not None:
+                return alt
+    return None
+
+
+def _check_shapes(reader: DistCheckpointReader, groups, config: dict) -> dict[str, str]:
+    """Stored key of every planned Megatron tensor; raises if one is missing, misshapen or left over."""
+    stored, problems = {}, []
+    for key, entries in groups:
+        where = _locate(reader, key)
+        want = names.megatron_shape(entries)
+        if where is None:
+            problems.append(f"  {key}: missing (expected shape {list(want)})")
+            continue
+        if reader.shape(where) != want:
+            problems.append(f"  {where}: shape {list(reader.shape(where))}, the model needs {list(want)}")
+        stored[key] = where
+    used = set(stored.values())
+    extra = [k for k in reader.tensors if not k.startswith("optimizer") and k not in used]
+    problems += [f"  {k}: in the checkpoint but not part of the model (would be dropped)" for k in sorted(extra)]
+    if problems:
+        raise ExportError(f"checkpoint {reader.path} does not match the model its signature describes:\n"
+                          + "\n".join(problems[:20]))
+    return stored
+
+
+def export_checkpoint(opts: ExportOptions, log=print) -> str:
+    """Write the Hugging Face folder ``opts.output``; return its path."""
+    start = time.time()
+    if os.path.exists(opts.output):
+        raise ExportError(f"--output {opts.output} already exists; remove it or choose another folder")
+    if opts.dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
+    max_bytes = parse_size(opts.max_shard_size)
+    path = resolve_checkpoint(opts.load, opts.iteration)
+    reader = DistCheckpointReader(path)
+    signature, args = reader.common.get("model_signature"), reader.common.get("args", {})
+    if signature is None:
+        raise ExportError(f"{path}: common.pt has no model_signature (not saved by this project's pretrain_moc.py)")
+    config = names.hf_config_from_signature(signature, args)
+    plan = names.parameter_plan(config)
+    groups = names.group_by_key(plan)
+    stored = _check_shapes(reader, groups, config)
+    tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type)
+    special = check_tokenizer(tokenizer, config["vocab_size"], args, reader.common.get("parallel_layout") or {})
+    dtype = DTYPES[opts.dtype]
+    size = torch.empty((), dtype=dtype).element_size()
+    shards = plan_shards([([e.hf_name for e in entries], sum(torch.Size(e.shape).numel() for e in entries) * size)
+                          for _, entries in groups], max_bytes)
+    log(f"[export] {path}: {len(plan)} tensors -> {len(shards)} shard(s) of at most {opts.max_shard_size}, {opts.dtype}")
+
+    staging = staging_folder(opts.output)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    writer = ShardWriter(staging, shards, progress=log)
+    for n, (key, entries) in enumerate(groups, 1):
+        tensor = reader.load(stored[key])
+        for entry, part in zip(entries, names.split(tensor, entries, config)):
+            writer.add(entry.hf_name, part.to(dtype))
+        del tensor
+        if n % 50 == 0:
+            log(f"  read {n}/{len(groups)} checkpoint tensors")
+    writer.finish()
+    _write_config(staging, config, special, opts.dtype)
+    write_tokenizer(tokenizer, staging)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in MODEL_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(staging, name))
+    os.rename(staging, opts.output)
+    log(f"[export] wrote {opts.output} ({writer.total_bytes / 1e6:.1f} MB of weights) in {time.time() - start:.1f} s")
+    return opts.output
+
+
+def _write_config(folder: str, config: dict, special: dict, dtype: str) -> None:
+    """``config.json`` (with ``auto_map``) and ``generation_config.json``."""
+    from transformers import GenerationConfig
+
+    from moc_megatron.hf.configuration_moc import MoCConfig
+
+    hf = MoCConfig(**config, **special)
+    hf.auto_map = dict(AUTO_MAP)
+    hf.architectures = ["MoCForCausalLM"]
+    hf.dtype = "float32" if dtype == "fp32" else "bfloat16"
+    hf.save_pretrained(folder)
+    GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(folder)

@@ -1,0 +1,205 @@
+"""Megatron checkpoint <-> Hugging Face MoC: the configuration and the parameter name mapping.
+
+One table (:func:`parameter_plan`) lists every Hugging Face tensor with the Megatron checkpoint key it
+comes from and how: ``copy``, or a slice of megatron's fused ``linear_qkv`` (rows grouped per query
+group: the group's query heads, then its key head, then its value head) or of ``linear_fc1``
+(``[gate; up]``). Export reads the plan forwards, import backwards, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Megatron norm keys differ between the local layer spec (torch norms) and Transformer Engine's fused
+# norm + linear modules; export accepts either, import writes the local spec's (which this project builds).
+NORM_KEY_ALTERNATIVES = {
+    ".self_attention.linear_qkv.layer_norm_norm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+    ".mlp.linear_fc1.layer_norm_norm.weight": ".mlp.linear_fc1.layer_norm_weight",
+    ".pre_cross_attn_layernorm.norm.weight": ".pre_cross_attn_layernorm.weight",
+    "decoder.final_layernorm.norm.weight": "decoder.final_layernorm.weight",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's model has a feature the Hugging Face MoC model does not implement."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Hugging Face tensor: where it lives in the Megatron checkpoint."""
+
+    hf_name: str
+    megatron_key: str
+    part: str = "copy"
+    """``copy``, ``q``/``k``/``v`` (slices of linear_qkv) or ``gate``/``up`` (halves of linear_fc1)."""
+    shape: tuple[int, ...] = ()
+
+
+def hf_config_from_signature(signature: dict, args: dict) -> dict:
+    """``config.json`` fields of the Hugging Face model for a checkpoint's model signature and saved args.
+
+    Raises :class:`UnsupportedModelError` for a backbone the HF model does not implement.
+    """
+    problems = []
+    if signature.get("normalization") != "RMSNorm":
+        problems.append(f"normalization {signature.get('normalization')!r} (only RMSNorm)")
+    if not signature.get("gated_linear_unit") or signature.get("activation_func") != "silu":
+        problems.append("an MLP that is not SwiGLU (--swiglu)")
+    if signature.get("add_bias_linear"):
+        problems.append("linear biases (give --disable-bias-linear)")
+    if signature.get("qk_layernorm"):
+        problems.append("qk layernorm")
+    if problems:
+        raise UnsupportedModelError("the Hugging Face MoC model does not support " + "; ".join(problems))
+    heads = signature["num_attention_heads"]
+    memory = list(signature.get("moc_memory_layers") or [])
+    config = dict(
+        vocab_size=signature["vocab_size"],
+        hidden_size=signature["hidden_size"],
+        intermediate_size=signature["ffn_hidden_size"],
+        num_hidden_layers=signature["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=signature.get("num_query_groups") or heads,
+        head_dim=signature.get("kv_channels") or signature["hidden_size"] // heads,
+        max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
+        rms_norm_eps=args.get("norm_epsilon", 1e-5),
+        rope_parameters={"rope_type": "default", "rope_theta": float(signature["rotary_base"])},
+        initializer_range=args.get("init_method_std", 0.02),
+        tie_word_embeddings=bool(signature["tie_embeddings"]),
+        memory_layers=sorted(memory),
+    )
+    if memory:
+        config.update(
+            num_chapters=signature["moc_num_chapters"],
+            chapter_size=signature["moc_chapter_size"],
+            num_shared_chapters=signature["moc_num_shared_chapters"],
+            memory_top_k=signature["moc_top_k"],
+            memory_num_heads=signature["moc_num_heads"],
+            memory_num_kv_heads=signature["moc_num_query_groups"],
+            bank_dim=signature["moc_bank_dim"],
+            routing_unit=signature["moc_routing_unit"],
+            chunk_size=signature["moc_chunk_size"],
+            gating=signature["moc_gating"],
+            routed_scaling_factor=signature["moc_routed_scaling_factor"],
+            shared_bank=bool(signature["moc_shared_bank"]),
+            bank_init_std=args.get("moc_bank_init_std") or 0.02,
+        )
+    return config
+
+
+def parameter_plan(config: dict) -> list[Entry]:
+    """Every tensor of the Hugging Face model (``config``: ``config.json`` fields), in file order."""
+    h, ffn = config["hidden_size"], config["intermediate_size"]
+    heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    memory = config.get("memory_layers") or []
+    plan = [Entry("model.embed_tokens.weight", "embedding.word_embeddings.weight", shape=(config["vocab_size"], h))]
+    for i in range(config["num_hidden_layers"]):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = mg + "self_attention.linear_qkv.weight"
+        plan += [
+            Entry(hf + "input_layernorm.weight", mg + "self_attention.linear_qkv.layer_norm_norm.weight", shape=(h,)),
+            Entry(hf + "self_attn.q_proj.weight", qkv, "q", (heads * hd, h)),
+            Entry(hf + "self_attn.k_proj.weight", qkv, "k", (groups * hd, h)),
+            Entry(hf + "self_attn.v_proj.weight", qkv, "v", (groups * hd, h)),
+            Entry(hf + "self_attn.o_proj.weight", mg + "self_attention.linear_proj.weight", shape=(h, heads * hd)),
+        ]
+        if i in memory:
+            plan += _memory_plan(config, hf, mg)
+        fc1 = mg + "mlp.linear_fc1.weight"
+        plan += [
+            Entry(hf + "post_attention_layernorm.weight", mg + "mlp.linear_fc1.layer_norm_norm.weight", shape=(h,)),
+            Entry(hf + "mlp.gate_proj.weight", fc1, "gate", (ffn, h)),
+            Entry(hf + "mlp.up_proj.weight", fc1, "up", (ffn, h)),
+            Entry(hf + "mlp.down_proj.weight", mg + "mlp.linear_fc2.weight", shape=(h, ffn)),
+        ]
+    plan.append(Entry("model.norm.weight", "decoder.final_layernorm.norm.weight", shape=(h,)))
+    if memory and config.get("shared_bank", True):
+        plan += _bank_plan(config, "model.memory_bank.", "memory_bank.")
+    if not config["tie_word_embeddings"]:
+        plan.append(Entry("lm_head.weight", "output_layer.weight", shape=(config["vocab_size"], h)))
+    return plan
+
+
+def _memory_plan(config: dict, hf: str, mg: str) -> list[Entry]:
+    h, d = config["hidden_size"], config["bank_dim"]
+    mem_heads, mem_groups = config["memory_num_heads"], config["memory_num_kv_heads"]
+    e = h // mem_heads
+    routed = config["num_chapters"] - config["num_shared_chapters"]
+    ca, mh = mg + "cross_attention.", hf + "memory."
+    plan = [
+        Entry(hf + "memory_layernorm.weight", mg + "pre_cross_attn_layernorm.norm.weight", shape=(h,)),
+        Entry(mh + "q_proj.weight", ca + "linear_q.weight", shape=(mem_heads * e, h)),
+        Entry(mh + "k_proj.weight", ca + "linear_k.weight", shape=(mem_groups * e, d)),
+        Entry(mh + "v_proj.weight", ca + "linear_v.weight", shape=(mem_groups * e, d)),
+        Entry(mh + "o_proj.weight", ca + "linear_o.weight", shape=(h, mem_heads * e)),
+        Entry(mh + "shared_norm.weight", ca + "shared_norm.weight", shape=(d,)),
+        Entry(mh + "routed_norm.weight", ca + "routed_norm.weight", shape=(d,)),
+        Entry(mh + "router.weight", ca + "router.weight", shape=(routed, h)),
+        Entry(mh + "router.bias", ca + "router.bias", shape=(routed,)),
+    ]
+    if not config.get("shared_bank", True):
+        plan += _bank_plan(config, mh + "bank.", ca + "own_bank.")
+    return plan
+
+
+def _bank_plan(config: dict, hf: str, mg: str) -> list[Entry]:
+    t, d = config["chapter_size"], config["bank_dim"]
+    shared = config["num_shared_chapters"]
+    return [
+        Entry(hf + "shared", mg + "shared", shape=(shared, t, d)),
+        Entry(hf + "routed", mg + "routed", shape=(config["num_chapters"] - shared, t, d)),
+    ]
+
+
+def megatron_shape(entries: list[Entry]) -> tuple[int, ...]:
+    """Global shape of the Megatron tensor that ``entries`` (all of one key) come from."""
+    if entries[0].part == "copy":
+        return entries[0].shape
+    rows = sum(e.shape[0] for e in entries)
+    return (rows, *entries[0].shape[1:])
+
+
+def split(tensor: torch.Tensor, entries: list[Entry], config: dict) -> list[torch.Tensor]:
+    """The Hugging Face tensors of ``entries`` cut from their Megatron tensor."""
+    part = entries[0].part
+    if part == "copy":
+        return [tensor]
+    if part in ("gate", "up"):
+        gate, up = tensor.chunk(2, dim=0)
+        return [gate if e.part == "gate" else up for e in entries]
+    heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    per = heads // groups
+    grouped = tensor.view(groups, per + 2, hd, -1)
+    parts = {
+        "q": grouped[:, :per].reshape(heads * hd, -1),
+        "k": grouped[:, per].reshape(groups * hd, -1),
+        "v": grouped[:, per + 1].reshape(groups * hd, -1),
+    }
+    return [parts[e.part].contiguous() for e in entries]
+
+
+def fuse(tensors: dict[str, torch.Tensor], entries: list[Entry], config: dict) -> torch.Tensor:
+    """Inverse of :func:`split`: the Megatron tensor from the Hugging Face tensors of ``entries``."""
+    part = entries[0].part
+    by_part = {e.part: tensors[e.hf_name] for e in entries}
+    if part == "copy":
+        return by_part["copy"]
+    if part in ("gate", "up"):
+        return torch.cat([by_part["gate"], by_part["up"]], dim=0)
+    heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    per = heads // groups
+    h = by_part["q"].shape[-1]
+    q = by_part["q"].view(groups, per, hd, h)
+    k = by_part["k"].view(groups, 1, hd, h)
+    v = by_part["v"].view(groups, 1, hd, h)
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, h)
+
+
+def group_by_key(plan: list[Entry]) -> list[tuple[str, list[Entry]]]:
+    """The plan as ``(megatron_key, entries)`` in order of first appearance."""
+    groups: dict[str, list[Entry]] = {}
+    for entry in plan:
+        groups.setdefault(entry.megatron_key, []).append(entry)
+    return list(groups.items())
