@@ -1,0 +1,55 @@
+"""Tiny Megatron MoC checkpoints with random weights, for the Hugging Face export/import tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moc_megatron.hf.importer import _save
+from moc_megatron.model.builder import build_model
+from moc_megatron.training import checkpoint_meta as meta
+from moc_megatron.training import checkpointing
+from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+
+VOCAB = 128
+BASE = [
+    "--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
+    "--num-query-groups", "2", "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+    "--seq-length", "32", "--vocab-size", str(VOCAB), "--mock-data", "--micro-batch-size", "1",
+    "--train-iters", "1", "--lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--rotary-base", "50000", "--norm-epsilon", "1e-6",
+    "--moc-memory-layers", "0", "2", "--moc-num-chapters", "9", "--moc-chapter-size", "4", "--moc-top-k", "2",
+    "--moc-num-heads", "4", "--moc-num-query-groups", "2", "--moc-chunk-size", "4",
+]
+
+
+def megatron_model(flags: list[str], seed: int = 0):
+    """A MoC model built as training builds it, every parameter random (W_O included); and its args."""
+    args = parse_args([*BASE, *flags], world_size=1, exit_on_error=False)
+    config = transformer_config_from_args(args)
+    settings = model_settings_from_args(args)
+    model = build_model(config, settings)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
+    model.eval()
+    return model, args, config, settings
+
+
+def save_checkpoint(root: str, model, args, config, settings) -> str:
+    """``root/iter_0000000`` + tracker, as the importer writes it; returns ``root``."""
+    path = meta.checkpoint_path(root, 0)
+    os.makedirs(path)
+    _save(model.sharded_state_dict(), args, config, settings, path, checkpointing, meta)
+    meta.write_tracker(root, 0)
+    return root
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``[b, s, vocab]`` logits of the Megatron model."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)
