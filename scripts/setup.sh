@@ -11,6 +11,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-echo "[setup] installing moc-megatron with the CPU pins (torch==2.13.0, megatron-core==0.16.1)"
-pip install --quiet --disable-pip-version-check -e ".[cpu,dev]"
+echo "[setup] installing moc-megatron with the CPU pins (torch==2.13.0, megatron-core==0.16.1) and the hf extra (transformers 5.x)"
+pip install --quiet --disable-pip-version-check -e ".[cpu,dev,hf]"
 python -W ignore -c "import torch, megatron.core as mc; print(f'[setup] torch {torch.__version__}, megatron-core {mc.__version__}')"

@@ -110,7 +110,8 @@ class MoCConfig(PretrainedConfig):
         if bad:
             raise ValueError(f"memory_layers {bad} outside 0..{self.num_hidden_layers - 1}")
         if self.num_routed_chapters < 1 or not 1 <= self.memory_top_k <= self.num_routed_chapters:
-            raise ValueError(f"need 1 <= memory_top_k ({self.memory_top_k}) <= routed chapters ({self.num_routed_chapters})")
+            raise ValueError(f"need 1 <= memory_top_k ({self.memory_top_k}) <= routed chapters "
+                             f"({self.num_routed_chapters})")
         if self.routing_unit not in ("sequence", "chunk", "token"):
             raise ValueError(f"routing_unit must be sequence, chunk or token, not {self.routing_unit!r}")
         if self.gating not in ("paper", "mixture"):

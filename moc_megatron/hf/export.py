@@ -109,7 +109,8 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     size = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards([([e.hf_name for e in entries], sum(torch.Size(e.shape).numel() for e in entries) * size)
                           for _, entries in groups], max_bytes)
-    log(f"[export] {path}: {len(plan)} tensors -> {len(shards)} shard(s) of at most {opts.max_shard_size}, {opts.dtype}")
+    log(f"[export] {path}: {len(plan)} tensors -> {len(shards)} shard(s) of at most {opts.max_shard_size}, "
+        f"{opts.dtype}")
 
     staging = staging_folder(opts.output)
     shutil.rmtree(staging, ignore_errors=True)

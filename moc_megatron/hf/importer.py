@@ -168,8 +168,8 @@ def _parse(flags: list[str]) -> argparse.Namespace:
         if flag in flags:
             world *= int(flags[flags.index(flag) + 1])
     try:
-        return parse_args([*flags, "--mock-data", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-4"], world_size=world,
-                          exit_on_error=False)
+        extra = ["--mock-data", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-4"]
+        return parse_args([*flags, *extra], world_size=world, exit_on_error=False)
     except SystemExit as exc:  # argparse on a bad --moc-* value
         raise ImportError_(f"bad flags for this model: {exc}") from exc
 
@@ -188,8 +188,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     dense = source.get("model_type") != "moc"
     if dense:
         if not any(f.startswith("--moc-memory-layers") for f in opts.moc_flags):
-            raise ImportError_(f"--hf {opts.hf} is a dense {source.get('model_type')!r} model: give --moc-memory-layers "
-                               "(and the other --moc-* flags) for the memory to add")
+            raise ImportError_(f"--hf {opts.hf} is a dense {source.get('model_type')!r} model: give "
+                               "--moc-memory-layers (and the other --moc-* flags) for the memory to add")
         config = _dense_as_moc(source)
         mem = list(opts.moc_flags)
     else:
@@ -215,8 +215,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     model = build_model(local_config, model_settings_from_args(local))
     hf_view = dict(config)
     if dense:
-        hf_view.update(names.hf_config_from_signature(
-            meta.model_signature(megatron_config, settings), {"max_position_embeddings": config["max_position_embeddings"]}))
+        signature = meta.model_signature(megatron_config, settings)
+        hf_view.update(names.hf_config_from_signature(signature, vars(args)))
     plan = names.parameter_plan(hf_view)
     sharded = model.sharded_state_dict()
     by_key = {getattr(v, "key", None): v for v in sharded.values()}
@@ -244,7 +244,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     staging = staging_folder(opts.save)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, meta.checkpoint_name(0)))
-    _save(sharded, args, megatron_config, settings, os.path.join(staging, meta.checkpoint_name(0)), checkpointing, meta)
+    save_weights_checkpoint({"model": sharded}, args, megatron_config, settings,
+                            os.path.join(staging, meta.checkpoint_name(0)))
     meta.write_tracker(staging, 0)
     os.rename(staging, opts.save)
     log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied"
@@ -258,11 +259,16 @@ def _is_memory(hf_name: str) -> bool:
     return ".memory." in hf_name or ".memory_layernorm." in hf_name or hf_name.startswith("model.memory_bank.")
 
 
-def _save(sharded: dict, args, config, settings, path: str, checkpointing, meta) -> None:
+def save_weights_checkpoint(models: dict, args, config, settings, path: str) -> None:
+    """Collective ``dist_checkpointing.save`` of model chunks' sharded state dicts (``{"model": ...}``, or
+    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``."""
     from megatron.core import dist_checkpointing
 
+    from moc_megatron.training import checkpoint_meta as meta
+    from moc_megatron.training import checkpointing
+
     state = {
-        "model": sharded,
+        **models,
         "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
         "iteration": 0,
         "train_state": {"consumed_train_samples": 0},

@@ -6,10 +6,9 @@ import os
 
 import torch
 
-from moc_megatron.hf.importer import _save
+from moc_megatron.hf.importer import save_weights_checkpoint
 from moc_megatron.model.builder import build_model
 from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training import checkpointing
 from moc_megatron.training.arguments import parse_args
 from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
 
@@ -43,7 +42,7 @@ def save_checkpoint(root: str, model, args, config, settings) -> str:
     """``root/iter_0000000`` + tracker, as the importer writes it; returns ``root``."""
     path = meta.checkpoint_path(root, 0)
     os.makedirs(path)
-    _save(model.sharded_state_dict(), args, config, settings, path, checkpointing, meta)
+    save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, path)
     meta.write_tracker(root, 0)
     return root
 
