@@ -92,14 +92,23 @@ def write_tokenizer(spec: TokenizerSpec, folder: str) -> None:
 
 def sentencepiece_to_tokenizers(model_path: str):
     """A ``tokenizers.Tokenizer`` built from a sentencepiece model with transformers' converter."""
+    from sentencepiece import sentencepiece_model_pb2
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    class _Slow:  # the attributes SpmConverter reads from a slow tokenizer
-        vocab_file = model_path
-        legacy = False
-        add_prefix_space = None
-
-    tokenizer = SpmConverter(_Slow()).converted()
+    build = getattr(SpmConverter, "build_tokenizer_from_spm_proto", None)
+    if build is None:
+        raise TokenizerError("this transformers version cannot convert a sentencepiece model to tokenizer.json "
+                             "(needs SpmConverter.build_tokenizer_from_spm_proto); pass a HF tokenizer folder")
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    if proto.trainer_spec.model_type == 2:  # BPE
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    else:
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+    tokenizer = build(proto, vocab, legacy=False)
+    if tokenizer is None:
+        raise TokenizerError(f"{model_path}: sentencepiece model type {proto.trainer_spec.model_type} is not supported")
     tokenizer.post_processor = None  # the project's tokenize() adds no special tokens
     return tokenizer
 

@@ -256,3 +256,18 @@ def test_tokenizer_of_another_vocabulary_is_refused(exported, tmp_path, sp_model
         export_checkpoint(ExportOptions(load=os.path.join(root, "ckpt"), output=str(tmp_path / "out"),
                                         tokenizer_model=sp_model), log=quiet)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, mcore_world):
+    from moc_megatron.data.tokenizer import SentencePieceTokenizer
+
+    model, args, config, settings = H.megatron_model(["--vocab-size", "512"])
+    H.save_checkpoint(str(tmp_path / "ckpt"), model, args, config, settings)
+    export_checkpoint(ExportOptions(load=str(tmp_path / "ckpt"), output=str(tmp_path / "hf"),
+                                    tokenizer_model=sp_model), log=quiet)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    sp = SentencePieceTokenizer(sp_model)
+    text = "Ada Lovelace was born in London in 1815."
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.tokenize(text)
+    assert tok.eos_token_id == sp.eod
+    assert json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == sp.eod
