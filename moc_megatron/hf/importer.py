@@ -179,7 +179,6 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     from moc_megatron import platform
     from moc_megatron.model.builder import build_model
     from moc_megatron.training import checkpoint_meta as meta
-    from moc_megatron.training import checkpointing
     from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
 
     if os.path.exists(opts.save):

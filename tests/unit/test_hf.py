@@ -265,7 +265,7 @@ def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, mco
     H.save_checkpoint(str(tmp_path / "ckpt"), model, args, config, settings)
     export_checkpoint(ExportOptions(load=str(tmp_path / "ckpt"), output=str(tmp_path / "hf"),
                                     tokenizer_model=sp_model), log=quiet)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     sp = SentencePieceTokenizer(sp_model)
     text = "Ada Lovelace was born in London in 1815."
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.tokenize(text)
