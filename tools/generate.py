@@ -10,6 +10,7 @@ Uses only the folder's own tokenizer files (nothing is downloaded).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 
@@ -35,6 +36,8 @@ def generate(folder: str, args: argparse.Namespace) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise SystemExit(f"generate.py: error: {folder} has no tokenizer.json (export with --tokenizer-model PATH)")
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     torch.manual_seed(args.seed)
