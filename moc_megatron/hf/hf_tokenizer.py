@@ -2,7 +2,7 @@
 
 Kept in one place so a check that the tokenizer is the one the checkpoint was trained with can be
 added to :func:`check_tokenizer` alone. A sentencepiece ``.model`` is converted to a ``tokenizer.json``
-(``tokenizers`` library, loads in transformers 4.x and 5.x) and the conversion is verified to encode
+(``tokenizers`` library only, loads in transformers 4.x and 5.x) and the conversion is verified to encode
 like sentencepiece on sample text; a Hugging Face tokenizer folder is copied.
 """
 
@@ -91,25 +91,62 @@ def write_tokenizer(spec: TokenizerSpec, folder: str) -> None:
 
 
 def sentencepiece_to_tokenizers(model_path: str):
-    """A ``tokenizers.Tokenizer`` built from a sentencepiece model with transformers' converter."""
-    from sentencepiece import sentencepiece_model_pb2
-    from transformers.convert_slow_tokenizer import SpmConverter
+    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece model (BPE or unigram).
 
-    build = getattr(SpmConverter, "build_tokenizer_from_spm_proto", None)
-    if build is None:
-        raise TokenizerError("this transformers version cannot convert a sentencepiece model to tokenizer.json "
-                             "(needs SpmConverter.build_tokenizer_from_spm_proto); pass a HF tokenizer folder")
+    Follows the model's own normaliser settings (precompiled charsmap, extra-whitespace removal, dummy
+    prefix, whitespace escaping), ranks BPE merges by piece score and keeps user-defined pieces whole, as
+    transformers 5.2x's ``SpmConverter.build_tokenizer_from_spm_proto`` does (ported here so the export
+    does not depend on the transformers version).
+    """
+    import re
+
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, "rb") as f:
         proto.ParseFromString(f.read())
+    spec, pieces = proto.normalizer_spec, proto.pieces
+    byte_fallback = proto.trainer_spec.byte_fallback
+    user_defined = [p.piece for p in pieces if p.type == 4]
     if proto.trainer_spec.model_type == 2:  # BPE
-        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == 1}
+        ranked = [(-normal[t][0], normal[t][1], t[:k], t[k:]) for t in normal for k in range(1, len(t))
+                  if t[:k] in normal and t[k:] in normal]
+        merges = [(a, b) for _, _, a, b in sorted(ranked)]
+        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=proto.trainer_spec.unk_piece, fuse_unk=True,
+                                  byte_fallback=byte_fallback, dropout=None, ignore_merges=bool(user_defined)))
+    elif proto.trainer_spec.model_type == 1:  # unigram
+        tokenizer = Tokenizer(Unigram([(p.piece, p.score) for p in pieces], unk_id=proto.trainer_spec.unk_id,
+                                      byte_fallback=byte_fallback))
     else:
-        vocab = [(p.piece, p.score) for p in proto.pieces]
-    tokenizer = build(proto, vocab, legacy=False)
-    if tokenizer is None:
-        raise TokenizerError(f"{model_path}: sentencepiece model type {proto.trainer_spec.model_type} is not supported")
-    tokenizer.post_processor = None  # the project's tokenize() adds no special tokens
+        raise TokenizerError(f"{model_path}: sentencepiece model type {proto.trainer_spec.model_type} not supported")
+    norms = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        norms += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.escape_whitespaces:
+        norms.append(normalizers.Replace(" ", "▁"))
+    tokenizer.normalizer = normalizers.Sequence(norms)
+    pre = []
+    if spec.add_dummy_prefix:
+        pre.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False))
+    if user_defined:
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if pre:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    dec = [decoders.Replace("▁", " ")]
+    if byte_fallback:
+        dec.append(decoders.ByteFallback())
+    if spec.add_dummy_prefix:
+        dec += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif byte_fallback:
+        dec.append(decoders.Fuse())
+    tokenizer.decoder = decoders.Sequence(dec)
+    specials = [p.piece for p in pieces if p.type in (2, 3)]  # unknown, control
+    tokenizer.add_special_tokens(specials)
     return tokenizer
 
 

@@ -258,7 +258,7 @@ def test_tokenizer_of_another_vocabulary_is_refused(exported, tmp_path, sp_model
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, mcore_world):
+def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, tiny_texts, mcore_world):
     from moc_megatron.data.tokenizer import SentencePieceTokenizer
 
     model, args, config, settings = H.megatron_model(["--vocab-size", "512"])
@@ -267,7 +267,7 @@ def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, mco
                                     tokenizer_model=sp_model), log=quiet)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     sp = SentencePieceTokenizer(sp_model)
-    text = "Ada Lovelace was born in London in 1815."
-    assert tok(text, add_special_tokens=False)["input_ids"] == sp.tokenize(text)
+    for text in ["Ada Lovelace was born in London in 1815.", *tiny_texts]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.tokenize(text), text
     assert tok.eos_token_id == sp.eod
     assert json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == sp.eod
