@@ -46,7 +46,8 @@ def save_checkpoint(preset: str, root: str) -> None:
     config, settings = transformer_config_from_args(args), model_settings_from_args(args)
     model = build_model(config, settings)
     os.makedirs(meta.checkpoint_path(root, 0))
-    save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, meta.checkpoint_path(root, 0))
+    path = meta.checkpoint_path(root, 0)
+    save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, path)
     meta.write_tracker(root, 0)
 
 
