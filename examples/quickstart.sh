@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start on a CPU, from a fresh clone: set up, build a corpus that needs no download, train a
-# tokenizer, preprocess to Megatron .bin/.idx, pretrain moc-tiny for a few minutes, save a checkpoint.
+# tokenizer, preprocess to Megatron .bin/.idx, pretrain moc-tiny for a few minutes, save a checkpoint,
+# export it to a Hugging Face folder and generate from it with plain transformers.
 #
 #   bash examples/quickstart.sh            # everything goes under ./runs/quickstart
 #   TRAIN_ITERS=300 bash examples/quickstart.sh
@@ -17,23 +18,23 @@ mkdir -p "$DATA"
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "1/5 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
+step "1/7 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
 [ -f "$DATA/bios.jsonl" ] || python tools/make_synthetic_corpus.py --output "$DATA/bios.jsonl" \
     --num-people 2000 --bios-per-person 3 --seed 1234
 [ -f "$DATA/pydocs.jsonl" ] || python tools/make_text_corpus.py --output "$DATA/pydocs.jsonl"
 
-step "2/5 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
+step "2/7 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
 [ -f "$DATA/tokenizer.model" ] || python tools/train_tokenizer.py --input "$DATA/bios.jsonl" "$DATA/pydocs.jsonl" \
     --model-prefix "$DATA/tokenizer" --vocab-size 4096 --max-mb 20
 
-step "3/5 preprocess to Megatron indexed datasets"
+step "3/7 preprocess to Megatron indexed datasets"
 for name in bios pydocs; do
   [ -f "$DATA/${name}_text_document.idx" ] || python tools/preprocess_data.py --input "$DATA/$name.jsonl" \
       --output-prefix "$DATA/$name" --tokenizer-type SentencePieceTokenizer \
       --tokenizer-model "$DATA/tokenizer.model" --append-eod --workers 2
 done
 
-step "4/5 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
+step "4/7 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
 python pretrain_moc.py --preset moc-tiny \
     --data-path 0.5 "$DATA/bios_text_document" 0.5 "$DATA/pydocs_text_document" --split 98,2,0 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
@@ -44,7 +45,31 @@ python pretrain_moc.py --preset moc-tiny \
     --log-interval 10 --eval-interval 100 --eval-iters 5 \
     --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard"
 
-step "5/5 done"
+step "5/7 export to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
+rm -rf "$RUN/hf"
+python tools/convert_checkpoint.py export --load "$RUN/checkpoints" --output "$RUN/hf" \
+    --tokenizer-model "$DATA/tokenizer.model"
+
+step "6/7 generate with plain transformers (this process does not import moc_megatron)"
+python - "$RUN/hf" <<'PY'
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+prompts = ["Ada Lovelace was born in", "The list type in Python"]
+tok.padding_side = "left"
+batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+with torch.no_grad():
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+for prompt, ids in zip(prompts, out):
+    print(repr(prompt + tok.decode(ids[batch["input_ids"].shape[1]:], skip_special_tokens=True)))
+assert "moc_megatron" not in sys.modules
+PY
+
+step "7/7 done"
 echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt"))"
+echo "HF folder:   $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True); docs/hf.md)"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
 echo "go on:       re-run the step-4 command with --load $RUN/checkpoints and a larger --train-iters"

@@ -17,7 +17,8 @@ class MoCConfig(PretrainedConfig):
     ``num_chapters`` ``C``, ``chapter_size`` ``T``, ``num_shared_chapters`` ``S``, ``memory_top_k``,
     ``memory_num_heads``, ``memory_num_kv_heads``, ``bank_dim``, ``routing_unit``
     (``sequence``/``chunk``/``token``), ``chunk_size``, ``gating`` (``paper``/``mixture``),
-    ``routed_scaling_factor``, ``shared_bank``.
+    ``routed_scaling_factor``, ``shared_bank``. ``padding_id_without_mask``: when the model is called without
+    an attention mask, a trailing run of this id is right padding (``None``: no such inference).
     """
 
     model_type = "moc"
@@ -52,6 +53,7 @@ class MoCConfig(PretrainedConfig):
         routed_scaling_factor: float = 2.5,
         shared_bank: bool = True,
         bank_init_std: float = 0.02,
+        padding_id_without_mask: int | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -84,6 +86,7 @@ class MoCConfig(PretrainedConfig):
         self.shared_bank = shared_bank
         self.bank_init_std = bank_init_std
         self.tie_word_embeddings = tie_word_embeddings
+        self.padding_id_without_mask = padding_id_without_mask
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

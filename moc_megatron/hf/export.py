@@ -145,4 +145,5 @@ def _write_config(folder: str, config: dict, special: dict, dtype: str) -> None:
     hf.architectures = ["MoCForCausalLM"]
     hf.dtype = "float32" if dtype == "fp32" else "bfloat16"
     hf.save_pretrained(folder)
-    GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(folder)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    GenerationConfig(**{k: special[k] for k in ids if special.get(k) is not None}).save_pretrained(folder)

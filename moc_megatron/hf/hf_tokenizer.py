@@ -65,7 +65,19 @@ def check_tokenizer(spec: TokenizerSpec, model_vocab: int, args: dict, layout: d
     if tok.vocab_size > model_vocab or padded != model_vocab:
         raise TokenizerError(f"tokenizer {spec.model} has {tok.vocab_size} tokens (padded: {padded}) but the "
                              f"model's vocabulary is {model_vocab}: not the tokenizer this checkpoint was trained with")
-    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad}
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad,
+            "padding_id_without_mask": 0 if _id0_is_not_text(tok) else None}
+
+
+def _id0_is_not_text(tok: MoCTokenizer) -> bool:
+    """Whether token id 0 is the unk or pad token (what lm-evaluation-harness pads with)."""
+    if tok.pad == 0:
+        return True
+    sp = getattr(tok, "_sp", None)
+    if sp is not None:
+        return sp.unk_id() == 0
+    strings = tok.special_token_strings()
+    return any(tok._tok.token_to_id(strings[k]) == 0 for k in ("unk_token", "pad_token") if k in strings)
 
 
 def write_tokenizer(spec: TokenizerSpec, folder: str) -> None:

@@ -16,8 +16,9 @@ plus the tokens generated so far).
 
 Padding: a 2-D ``attention_mask`` marks real tokens; routing pools only real tokens and positions
 count real tokens only, so a left- or right-padded batch gives each sequence the result it gets alone.
-Without a mask, tokens equal to ``pad_token_id`` are taken as padding when that id is neither the
-bos nor the eos id (lm-evaluation-harness calls the model without a mask on right-padded batches).
+Without a mask, a trailing run of ``config.padding_id_without_mask`` (set at export to 0 when id 0 is the
+tokenizer's unk or pad token, never a text token) is taken as right padding: lm-evaluation-harness pads
+its batches on the right with id 0 and calls the model without a mask.
 """
 
 from __future__ import annotations
@@ -387,10 +388,9 @@ class MoCModel(MoCPreTrainedModel):
                                  f"got {list(attention_mask.shape)}")
             valid = attention_mask.bool()
             return valid[:, past:], valid
-        pad = self.config.pad_token_id
-        special = {self.config.bos_token_id, self.config.eos_token_id}
-        if input_ids is not None and past == 0 and pad is not None and pad not in special:
-            real = input_ids != pad
+        pad = getattr(self.config, "padding_id_without_mask", None)
+        if input_ids is not None and past == 0 and pad is not None:
+            real = ~torch.cumprod((input_ids == pad).flip(1).long(), dim=1).flip(1).bool()  # trailing run = padding
             return real, real
         ones = torch.ones(b, past + s, dtype=torch.bool, device=device)
         return ones[:, past:], ones
