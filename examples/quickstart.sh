@@ -18,23 +18,23 @@ mkdir -p "$DATA"
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "1/7 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
+step "1/8 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
 [ -f "$DATA/bios.jsonl" ] || python tools/make_synthetic_corpus.py --output "$DATA/bios.jsonl" \
     --num-people 2000 --bios-per-person 3 --seed 1234
 [ -f "$DATA/pydocs.jsonl" ] || python tools/make_text_corpus.py --output "$DATA/pydocs.jsonl"
 
-step "2/7 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
+step "2/8 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
 [ -f "$DATA/tokenizer.model" ] || python tools/train_tokenizer.py --input "$DATA/bios.jsonl" "$DATA/pydocs.jsonl" \
     --model-prefix "$DATA/tokenizer" --vocab-size 4096 --max-mb 20
 
-step "3/7 preprocess to Megatron indexed datasets"
+step "3/8 preprocess to Megatron indexed datasets"
 for name in bios pydocs; do
   [ -f "$DATA/${name}_text_document.idx" ] || python tools/preprocess_data.py --input "$DATA/$name.jsonl" \
       --output-prefix "$DATA/$name" --tokenizer-type SentencePieceTokenizer \
       --tokenizer-model "$DATA/tokenizer.model" --append-eod --workers 2
 done
 
-step "4/7 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
+step "4/8 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
 python pretrain_moc.py --preset moc-tiny \
     --data-path 0.5 "$DATA/bios_text_document" 0.5 "$DATA/pydocs_text_document" --split 98,2,0 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
@@ -45,12 +45,12 @@ python pretrain_moc.py --preset moc-tiny \
     --log-interval 10 --eval-interval 100 --eval-iters 5 \
     --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard"
 
-step "5/7 export to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
+step "5/8 export to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
 rm -rf "$RUN/hf"
 python tools/convert_checkpoint.py export --load "$RUN/checkpoints" --output "$RUN/hf" \
     --tokenizer-model "$DATA/tokenizer.model"
 
-step "6/7 generate with plain transformers (this process does not import moc_megatron)"
+step "6/8 generate with plain transformers (this process does not import moc_megatron)"
 python - "$RUN/hf" <<'PY'
 import sys
 import torch
@@ -68,7 +68,16 @@ for prompt, ids in zip(prompts, out):
 assert "moc_megatron" not in sys.modules
 PY
 
-step "7/7 done"
+step "7/8 lm-evaluation-harness, offline, on a local 8-question task (needs: pip install -e '.[eval]')"
+if python -c "import lm_eval" 2>/dev/null; then
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \
+      --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
+      --include_path examples/lm_eval --tasks quickstart_mc --batch_size 4 --device cpu
+else
+  echo "lm-eval is not installed: pip install -e '.[eval]' and re-run (the steps above are skipped when done)"
+fi
+
+step "8/8 done"
 echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt"))"
 echo "HF folder:   $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True); docs/hf.md)"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
