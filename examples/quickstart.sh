@@ -74,7 +74,7 @@ if python -c "import lm_eval" 2>/dev/null; then
       --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
       --include_path examples/lm_eval --tasks quickstart_mc --batch_size 4 --device cpu
 else
-  echo "lm-eval is not installed: pip install -e '.[eval]' and re-run (the steps above are skipped when done)"
+  echo "lm-eval is not installed: pip install -e '.[eval]', then run the lm_eval command of this step (docs/hf.md)"
 fi
 
 step "8/8 done"
