@@ -271,3 +271,20 @@ def test_sentencepiece_tokenizer_ships_as_tokenizer_json(tmp_path, sp_model, tin
         assert tok(text, add_special_tokens=False)["input_ids"] == sp.tokenize(text), text
     assert tok.eos_token_id == sp.eod
     assert json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == sp.eod
+
+
+def test_command_line_export_import_and_errors(exported, tmp_path, run_tool, capsys):
+    _, folder, root = exported["token-paper-2shared"]
+    assert run_tool("convert_checkpoint", "export", "--load", os.path.join(root, "ckpt"), "--output", folder) == 2
+    assert "already exists" in capsys.readouterr().err
+    llama = tmp_path / "llama"
+    _tiny_llama(str(llama), True)
+    assert run_tool("convert_checkpoint", "import", "--hf", llama, "--save", tmp_path / "ckpt",
+                    "--moc-memory-layers", "0", "2", "--moc-num-chapters", "5", "--moc-top-k", "1",
+                    "--no-moc-shared-bank") == 0
+    assert run_tool("convert_checkpoint", "export", "--load", tmp_path / "ckpt", "--output", tmp_path / "hf",
+                    "--dtype", "bf16", "--max-shard-size", "20KB") == 0
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["memory_layers"] == [0, 2] and config["shared_bank"] is False and config["dtype"] == "bfloat16"
+    index = json.load(open(tmp_path / "hf" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1
