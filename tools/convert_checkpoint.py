@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written weights.")
     ex.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard (e.g. 5GB, 500MB).")
     im = sub.add_parser("import", help="HF folder (exported MoC, or dense LlamaForCausalLM + --moc-* flags) -> "
-                        "Megatron checkpoint at iteration 0")
+                        "Megatron checkpoint at iteration 0",
+                        epilog="A dense model also takes pretrain_moc.py's --moc-* flags (--moc-memory-layers, "
+                               "--moc-num-chapters, --moc-chapter-size, --moc-top-k, --moc-routing-unit, ...): the "
+                               "memory to add, new and with W_O = 0.")
     im.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors).")
     im.add_argument("--save", required=True, help="Checkpoint root to create (must not exist).")
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size"):
