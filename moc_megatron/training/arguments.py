@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from moc_megatron.data.tokenizer import TOKENIZER_TYPES
 from moc_megatron.presets import PRESETS, Preset, get_preset
+from moc_megatron.training.errors import EXIT_ARGUMENTS, exit_with_error
 from moc_megatron.training.moc_flags import add_moc_config_flags, add_moc_training_flags
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
 
@@ -80,6 +81,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad",
+                   help="Do not check losses and the gradient norm for NaN/Inf (by default a NaN/Inf loss stops "
+                        "the run before its optimizer step, naming the iteration).")
+    g.add_argument("--skip-nan-loss-iterations", action="store_true",
+                   help="On a NaN/Inf loss skip that iteration's optimizer step and go on, instead of stopping.")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -155,9 +162,17 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=100)
 
 
+class MoCArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, printed once per node, without the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` (and where to find the flags) once, exit with status 2."""
+        exit_with_error(self.prog, f"{message}\n  (see {self.prog} --help)", EXIT_ARGUMENTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pretrain_moc.py`` parser (no preset applied)."""
-    parser = argparse.ArgumentParser(
+    parser = MoCArgumentParser(
         description="Pretrain a Mixture-of-Chapters language model on megatron-core.",
         allow_abbrev=False,
     )

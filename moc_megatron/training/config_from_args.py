@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,20 @@ def transformer_config_from_args(args: argparse.Namespace) -> MoCConfig:
     if args.swiglu:
         kwargs.update(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False)
     kwargs.update(platform.pipeline_config_overrides())
-    return MoCConfig(**kwargs)
+    with warnings.catch_warnings():
+        for message in _INAPPLICABLE_CONFIG_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        return MoCConfig(**kwargs)
+
+
+# megatron's TransformerConfig warnings that do not apply to a MoC model: under EP, MoCConfig sets
+# num_moe_experts (megatron's expert-parallel groups need it) but the model has no MoE MLP or MoE router;
+# "full scope" is the default cuda_graph_scope, and no CUDA graph is captured.
+_INAPPLICABLE_CONFIG_WARNINGS = (
+    r"moe_ffn_hidden_size is not set",
+    r"Using a large number of experts .* without fp32 routing",
+    r"full scope is deprecated",
+)
 
 
 def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelConfig:

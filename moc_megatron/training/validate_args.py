@@ -100,6 +100,7 @@ def _validate_batch(args: argparse.Namespace) -> None:
 def _validate_schedule(args: argparse.Namespace) -> None:
     if args.min_lr > args.lr:
         raise ArgumentsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    args.lr_decay_iters_derived = args.lr_decay_iters is None  # a resume may keep the checkpoint's instead
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
