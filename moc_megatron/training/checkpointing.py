@@ -37,7 +37,9 @@ from moc_megatron.data.tokenizer_record import (
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError  # noqa: F401 (re-export)
+from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
+from moc_megatron.training.save_queue import install_save_results_queue
 
 CHECKPOINT_VERSION = 3.0
 
@@ -156,8 +158,10 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.
     )
     if tokenizer_record is not None:
         state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
+    install_save_results_queue()
     dist_checkpointing.save(state, staging)
     dist.barrier()
+    maybe_stall_save(iteration)
     final = meta.checkpoint_path(root, iteration)
     if dist.get_rank() == 0:
         meta.publish_checkpoint(root, iteration)

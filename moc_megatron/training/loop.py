@@ -25,6 +25,7 @@ from moc_megatron.training.data import (
     data_iterators,
     dataset_tokenizer,
 )
+from moc_megatron.training.fault_injection import maybe_kill_rank
 from moc_megatron.training.logging import (
     TrainingLogger,
     print_rank_0,
@@ -152,6 +153,7 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
         step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
         iteration += 1
         _check_finite(args, step, iteration, result)
+        maybe_kill_rank(iteration)
         consumed += args.global_batch_size
         aux = reduce_memory_aux_losses(config, args.num_microbatches)
         if LM_LOSS in step.losses:
