@@ -81,7 +81,10 @@ def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelCon
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # NaN/Inf is checked on the loss before the optimizer step (nan_check.py, with the iteration and
+        # --skip-nan-loss-iterations); megatron's own bucket check reports through its rerun state machine,
+        # which asks for a CUDA device and knows no iteration of ours.
+        check_for_nan_in_grad=False,
     )
 
 

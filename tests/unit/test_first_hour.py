@@ -70,22 +70,22 @@ def test_load_accepts_a_save_folder_or_an_iter_folder_and_refuses_anything_else(
     assert run("--train-iters", "4", "--load", str(save / "iter_0000002")).start_iteration == 2
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert run("--train-iters", "1", "--load", str(empty)).start_iteration == 0
-    assert run("--train-iters", "1", "--load", str(tmp_path / "missing")).start_iteration == 0
+    assert run("--train-iters", "2", "--load", str(empty)).start_iteration == 0
+    assert run("--train-iters", "2", "--load", str(tmp_path / "missing")).start_iteration == 0
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointNotFoundError, match=r"holds files \(notes\.txt\) but no checkpoint"):
-        run("--train-iters", "1", "--load", str(junk))
+        run("--train-iters", "2", "--load", str(junk))
     no_tracker = tmp_path / "no_tracker"
     import shutil
 
     shutil.copytree(save / "iter_0000002", no_tracker / "iter_0000002")
     with pytest.raises(CheckpointNotFoundError, match=r"give --load .*no_tracker/iter_0000002"):
-        run("--train-iters", "1", "--load", str(no_tracker))
+        run("--train-iters", "2", "--load", str(no_tracker))
     # the run's own --save folder without a checkpoint yet (an auto-resumed job before its first save)
     (junk / "tb").mkdir()
-    assert run("--train-iters", "1", "--load", str(junk), "--save", str(junk)).start_iteration == 0
+    assert run("--train-iters", "2", "--load", str(junk), "--save", str(junk)).start_iteration == 0
 
 
 @pytest.mark.parametrize("argv, expected", [
