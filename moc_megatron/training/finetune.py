@@ -50,7 +50,6 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     parser.description = "Instruction-tune (SFT) a pretrained Mixture-of-Chapters model on chat data."
     parser.epilog = IFT_EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     g = parser.add_argument_group("instruction tuning")
     g.add_argument("--sft-data-path", default=None,
                    help="Output prefix of tools/preprocess_sft.py (instead of --data-path).")

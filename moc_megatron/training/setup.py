@@ -40,10 +40,13 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-# megatron-core notices that say nothing about our runs: mock data has no index cache to save, and the
-# rerun state machine (fault injection / result validation) is not used and stays disabled.
+# megatron-core notices that say nothing about our runs: mock data has no index cache to save, a blend's
+# small index is rebuilt on every start without --data-cache-path (the GPT datasets' caches go beside the
+# data and keep their notices), and the rerun state machine (fault injection / result validation) is not
+# used and stays disabled.
 _INAPPLICABLE_NOTICES = {
     "megatron.core.datasets.gpt_dataset": (r"^Unable to save MockGPTDataset indexes because path_to_cache is None",),
+    "megatron.core.datasets.blended_dataset": (r"^Cannot save the BlendedDataset indexes because path_to_cache",),
     "megatron.core.rerun_state_machine": (r"^Implicit initialization of Rerun State Machine!",
                                           r"^RerunStateMachine initialized in mode RerunMode\.DISABLED"),
 }

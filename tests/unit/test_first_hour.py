@@ -121,3 +121,19 @@ def test_megatron_moe_and_cuda_graph_warnings_do_not_reach_our_runs():
         config = transformer_config_from_args(args)
     assert config.num_moe_experts == 64  # megatron's EP groups need it; the warnings about it do not apply
     assert [str(w.message) for w in caught] == []
+
+
+def test_help_documents_every_flag_with_the_presets_defaults(capsys):
+    from moc_megatron.training.finetune import build_finetune_parser
+
+    parser = build_finetune_parser()
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--preset", "moc-tiny", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text
+    flat = " ".join(text.split())
+    assert "--moc-num-chapters MOC_NUM_CHAPTERS Total chapters C in a bank, shared chapters included. " \
+           "[MoCConfig default: 0] (current default: 65)" in flat
+    assert "--hidden-size HIDDEN_SIZE Transformer hidden size. (default: 128)" in flat
