@@ -49,5 +49,5 @@ step "5/5 done"
 echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt"))"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
 echo "go on (resumes at iteration $TRAIN_ITERS, keeps the checkpoint's LR schedule; . .venv/bin/activate first):"
-printf '  %q' "${PRETRAIN[@]}" --train-iters $((TRAIN_ITERS * 2)) --load "$RUN/checkpoints"
+printf ' %q' "${PRETRAIN[@]}" --train-iters $((TRAIN_ITERS * 2)) --load "$RUN/checkpoints"
 echo
