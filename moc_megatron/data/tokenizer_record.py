@@ -19,6 +19,7 @@ Public API::
     record = record_for(tokenizer_type, tokenizer_model)      # or record_from_tokenizer(tok, type, model)
     write_dataset_record(prefix, record); read_dataset_record(prefix) -> TokenizerRecord | None
     state[CHECKPOINT_KEY] = record.to_dict(); record_from_checkpoint_state(common) -> TokenizerRecord | None
+    record_from_checkpoint("ckpt/iter_0000200") -> TokenizerRecord | None
     check_same_tokenizer(expected, expected_source, found, found_source)   # raises TokenizerMismatchError
 """
 
@@ -137,6 +138,13 @@ def record_from_checkpoint_state(common: dict[str, Any]) -> TokenizerRecord | No
     """The record in a checkpoint's common state dict (``dist_checkpointing.load_common_state_dict``)."""
     data = common.get(CHECKPOINT_KEY)
     return None if data is None else TokenizerRecord.from_dict(data)
+
+
+def record_from_checkpoint(path: str) -> TokenizerRecord | None:
+    """The record stored in a saved checkpoint folder (an ``iter_XXXXXXX`` folder), or ``None``."""
+    from megatron.core import dist_checkpointing
+
+    return record_from_checkpoint_state(dist_checkpointing.load_common_state_dict(path))
 
 
 def tokenizer_differences(expected: TokenizerRecord, found: TokenizerRecord) -> list[str]:

@@ -19,6 +19,7 @@ from moc_megatron.data.tokenizer_record import (
     dataset_record_path,
     read_dataset_record,
     record_for,
+    record_from_checkpoint,
 )
 from moc_megatron.training.arguments import parse_args
 from moc_megatron.training.checkpoint_meta import checkpoint_path
@@ -106,6 +107,7 @@ def test_checkpoint_records_its_tokenizer_and_refuses_another(tmp_path, datasets
     pretrain(parse_args(model_args(sp_model, "--mock-data", "--save", save), world_size=1, exit_on_error=False))
     common = dist_checkpointing.load_common_state_dict(checkpoint_path(save, 2))
     assert TokenizerRecord.from_dict(common[CHECKPOINT_KEY]) == record_for("SentencePieceTokenizer", sp_model)
+    assert record_from_checkpoint(checkpoint_path(save, 2)) == record_for("SentencePieceTokenizer", sp_model)
 
     # SFT data made with B, run with B: the data agree, the checkpoint does not
     other_data = tmp_path / "chat_b"
