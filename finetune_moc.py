@@ -11,20 +11,14 @@ Same flags as pretrain_moc.py; see docs/training.md, "Instruction tuning".
 
 from __future__ import annotations
 
-import sys
-
-from moc_megatron.training.checkpointing import CheckpointMismatchError
+from moc_megatron.training.errors import run_entry_point
 from moc_megatron.training.finetune import finetune, parse_finetune_args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and finetune."""
     args = parse_finetune_args(argv)
-    try:
-        finetune(args)
-    except (CheckpointMismatchError, FileNotFoundError) as exc:
-        print(f"finetune_moc.py: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_entry_point("finetune_moc.py", lambda: finetune(args))
 
 
 if __name__ == "__main__":  # dist_checkpointing's save starts a spawn-context process: keep this guard

@@ -3,6 +3,11 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash examples/pretrain_torchrun_multinode.sh   # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash examples/pretrain_torchrun_multinode.sh   # on node1
 # DATA_PATH, TOKENIZER and SAVE_DIR must name the same files on every node (shared filesystem).
+#
+# Restarts: --max-restarts MAX_RESTARTS (default 3). When a rank dies, torchrun stops every rank on every
+# node, all agents meet again at the c10d rendezvous (RDZV_ID names the job), and the new ranks resume
+# from the last checkpoint in SAVE_DIR (--save and --load are the same folder). Work since that
+# checkpoint is redone; the loss curve is the uninterrupted run's (docs/training.md, "Restarts").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +21,12 @@ TOKENIZER=${TOKENIZER:?set TOKENIZER to a local Hugging Face tokenizer folder or
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
 SAVE_DIR=${SAVE_DIR:-checkpoints/moc-paper}
 EP=${EP:-8}       # expert-parallel size: the bank's 4096 routed chapters are split over EP ranks
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-moc-paper}}
 
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
+    --max-restarts "$MAX_RESTARTS" \
     pretrain_moc.py --preset moc-paper \
     --expert-model-parallel-size "$EP" --use-distributed-optimizer --overlap-grad-reduce \
     --data-path "$DATA_PATH" --split 99,1,0 \

@@ -35,15 +35,16 @@ for name in bios pydocs; do
 done
 
 step "4/8 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
-python pretrain_moc.py --preset moc-tiny \
-    --data-path 0.5 "$DATA/bios_text_document" 0.5 "$DATA/pydocs_text_document" --split 98,2,0 \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
-    --seq-length 256 --micro-batch-size 8 --global-batch-size 16 \
-    --train-iters "$TRAIN_ITERS" --lr 2e-3 --min-lr 2e-4 --lr-decay-style WSD \
-    --lr-wsd-decay-style linear --lr-wsd-decay-iters $((TRAIN_ITERS / 5)) --lr-warmup-iters 20 \
-    --weight-decay 0.1 --clip-grad 1.0 --moc-memory-lr 4e-3 --moc-bank-lr 4e-3 \
-    --log-interval 10 --eval-interval 100 --eval-iters 5 \
-    --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard"
+PRETRAIN=(python pretrain_moc.py --preset moc-tiny
+    --data-path 0.5 "$DATA/bios_text_document" 0.5 "$DATA/pydocs_text_document" --split 98,2,0
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model"
+    --seq-length 256 --micro-batch-size 8 --global-batch-size 16
+    --lr 2e-3 --min-lr 2e-4 --lr-decay-style WSD
+    --lr-wsd-decay-style linear --lr-wsd-decay-iters $((TRAIN_ITERS / 5)) --lr-warmup-iters $((TRAIN_ITERS / 10))
+    --weight-decay 0.1 --clip-grad 1.0 --moc-memory-lr 4e-3 --moc-bank-lr 4e-3
+    --log-interval 10 --eval-interval 100 --eval-iters 5
+    --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard")
+"${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS"
 
 step "5/8 export to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
 rm -rf "$RUN/hf"
@@ -81,4 +82,6 @@ step "8/8 done"
 echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt"))"
 echo "HF folder:   $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True); docs/hf.md)"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
-echo "go on:       re-run the step-4 command with --load $RUN/checkpoints and a larger --train-iters"
+echo "go on (resumes at iteration $TRAIN_ITERS, keeps the checkpoint's LR schedule; . .venv/bin/activate first):"
+printf ' %q' "${PRETRAIN[@]}" --train-iters $((TRAIN_ITERS * 2)) --load "$RUN/checkpoints"
+echo

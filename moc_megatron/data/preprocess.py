@@ -34,6 +34,7 @@ from moc_megatron.data.jsonl import (
 from moc_megatron.data.pool import ordered_map
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import build_tokenizer
+from moc_megatron.data.tokenizer_record import dataset_record_path, record_from_tokenizer, write_record_file
 from moc_megatron.data.tool_runner import RunStats
 
 
@@ -287,6 +288,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
                         f"{stats.blank_lines} blank lines): IndexedDataset cannot read an empty dataset, "
                         "so nothing was written"
                     )
+            record = record_from_tokenizer(tokenizer, config.tokenizer_type, config.tokenizer_model)
+            for prefix in finals.values():  # staged: the record appears with its .bin/.idx, before the .idx
+                write_record_file(staged.stage(dataset_record_path(prefix)), record)
             stats.outputs = staged.commit()
     finally:
         progress.close()

@@ -8,6 +8,7 @@ Outputs (all moved into place only on success):
   tells which conversations share a sample.
 - ``{prefix}_loss_mask.bin/.idx``: uint8, the same layout; 1 exactly on tokens of assistant turns.
 - ``{prefix}_meta.json``: tokenizer, template, pad/eod ids, pack length and counts.
+- ``{prefix}_tokens.tokenizer.json``: the tokenizer record (:mod:`moc_megatron.data.tokenizer_record`).
 
 Each conversation ends with the ``eod`` token (mask 0), unless the template already ended it with it.
 """
@@ -38,6 +39,7 @@ from moc_megatron.data.packing import FirstFitPacker
 from moc_megatron.data.pool import ordered_map
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
+from moc_megatron.data.tokenizer_record import dataset_record_path, record_from_tokenizer, write_record_file
 from moc_megatron.data.tool_runner import RunStats
 
 SFT_FORMAT = "moc-sft-v1"
@@ -303,6 +305,8 @@ def preprocess_sft(config: SFTConfig) -> SFTStats:
             }
             with open(staged.stage(f"{config.output_prefix}_meta.json"), "w") as f:
                 json.dump(meta, f, indent=2)
+            record = record_from_tokenizer(tokenizer, config.tokenizer_type, config.tokenizer_model)
+            write_record_file(staged.stage(dataset_record_path(f"{config.output_prefix}_tokens")), record)
             stats.outputs = staged.commit()
     finally:
         progress.close()

@@ -23,6 +23,28 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_ENV)
 
 
+def restart_round() -> int:
+    """torchrun's restart round (``TORCHELASTIC_RESTART_COUNT``; 0 on the first start and without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def rendezvous_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store of this restart round, or ``None`` to let ``init_process_group`` use ``env://``.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) every round's workers connect as clients to
+    the *same* TCPStore, which the agent keeps for the whole job, and torch 2.13's ``env://`` handler adds
+    no per-round prefix. Every key of the first round (the default group's and each ``new_group``'s gloo
+    addresses or NCCL unique ids) is still there after a restart, so a restarted rank reads a dead
+    process's address and gloo's ``connectFullMesh`` fails with "Connection refused" (NCCL would hang or
+    fail the same way). Prefixing the store with the round gives each round its own keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 hosts a fresh store for this launch (srun, a plain env:// launch)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/moc_megatron/round_{restart_round()}", store)
+
+
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
@@ -35,7 +57,8 @@ def initialize_distributed(
     """Initialise torch.distributed and megatron-core's model-parallel groups.
 
     Calls ``init_platform()``; joins the process group described by torchrun's environment
-    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), or creates a single-process world
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; under torchrun's agent store with keys
+    of this restart round only, see :func:`rendezvous_store`), or creates a single-process world
     when not launched by torchrun; then calls ``parallel_state.initialize_model_parallel`` with the
     given sizes (``kw`` is passed on, e.g. ``expert_tensor_parallel_size``, ``order``).
 
@@ -48,7 +71,12 @@ def initialize_distributed(
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if launched_by_torchrun():
-            dist.init_process_group(backend=dist_backend(), timeout=timeout)
+            store = rendezvous_store(timeout)
+            if store is None:
+                dist.init_process_group(backend=dist_backend(), timeout=timeout)
+            else:
+                dist.init_process_group(backend=dist_backend(), store=store, rank=int(os.environ["RANK"]),
+                                        world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         else:
             # A world of one needs no rendezvous: an in-process store avoids picking a free port
             # (which races with other test processes on the same machine).

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from moc_megatron.data.tokenizer import TOKENIZER_TYPES
 from moc_megatron.presets import PRESETS, Preset, get_preset
+from moc_megatron.training.errors import EXIT_ARGUMENTS, exit_with_error
 from moc_megatron.training.moc_flags import add_moc_config_flags, add_moc_training_flags
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
 
@@ -80,6 +82,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad",
+                   help="Do not check losses and the gradient norm for NaN/Inf (by default a NaN/Inf loss stops "
+                        "the run before its optimizer step, naming the iteration).")
+    g.add_argument("--skip-nan-loss-iterations", action="store_true",
+                   help="On a NaN/Inf loss skip that iteration's optimizer step and go on, instead of stopping.")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -155,12 +163,81 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=100)
 
 
+# Help texts of the flags defined without one above (Megatron-LM's meanings).
+_HELP = {
+    "--normalization": "Norm of the transformer layers.",
+    "--attention-dropout": "Dropout on the attention probabilities.",
+    "--hidden-dropout": "Dropout on the outputs of attention and MLP blocks.",
+    "--tensor-model-parallel-size": "Ranks each layer's weights are split over (tensor parallelism).",
+    "--pipeline-model-parallel-size": "Pipeline stages the layers are split over.",
+    "--distributed-timeout-minutes": "Timeout of collective operations.",
+    "--optimizer": "Optimizer of all parameter groups.",
+    "--recompute-granularity": "Activation recomputation: whole layers (full) or attention cores (selective).",
+    "--recompute-method": "With full recomputation: uniform (groups of layers) or block (first layers per stage).",
+    "--recompute-num-layers": "Layers per recomputation group (uniform) or recomputed layers per stage (block).",
+    "--lr-decay-style": "Learning-rate decay after warmup.",
+    "--lr-warmup-iters": "Iterations of linear warmup from --lr-warmup-init to --lr.",
+    "--lr-wsd-decay-style": "Shape of the final decay of the WSD schedule.",
+    "--weight-decay": "Weight decay (decoupled, AdamW), unless --start/--end-weight-decay are given.",
+    "--start-weight-decay": "Weight decay at the start (default: --weight-decay).",
+    "--end-weight-decay": "Weight decay at the end (default: --weight-decay).",
+    "--weight-decay-incr-style": "How weight decay goes from its start to its end value.",
+    "--adam-beta1": "Adam beta1.",
+    "--adam-beta2": "Adam beta2.",
+    "--adam-eps": "Adam epsilon.",
+    "--sgd-momentum": "SGD momentum.",
+    "--no-save-optim": "Save no optimizer or scheduler state.",
+    "--no-save-rng": "Save no RNG states.",
+    "--no-load-optim": "Do not load the optimizer and scheduler state.",
+    "--no-load-rng": "Do not load the RNG states.",
+    "--exit-on-missing-checkpoint": "Stop if --load holds no checkpoint, instead of starting from scratch.",
+    "--ckpt-format": "Checkpoint format (megatron-core dist_checkpointing).",
+    "--train-data-path": "Training dataset prefixes (optionally weighted), instead of --data-path and --split.",
+    "--valid-data-path": "Validation dataset prefixes (with --train-data-path).",
+    "--test-data-path": "Test dataset prefixes (with --train-data-path).",
+    "--seq-length": "Tokens per training sequence.",
+    "--tokenizer-type": "Tokenizer of the data (the one it was preprocessed with).",
+    "--tokenizer-model": "Sentencepiece .model file, or a local Hugging Face tokenizer folder.",
+    "--log-interval": "Iterations between log lines.",
+    "--tensorboard-dir": "Where TensorBoard event files are written (none if unset).",
+    "--eval-interval": "Iterations between validation passes.",
+    "--eval-iters": "Global batches per validation pass (0: no validation).",
+}
+_REST_MARKUP = re.compile(r":(?:class|func|meth|mod|data|attr):`~?([^`]+)`|``([^`]+)``")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's current default (the preset's with ``--preset``), no reST markup, raw epilogs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text is None:
+            return None
+        text = _REST_MARKUP.sub(lambda m: m.group(1) or m.group(2), text).replace("%", "%%")
+        default = action.default
+        shows = action.option_strings and default not in (None, False, argparse.SUPPRESS) and \
+            not isinstance(action, argparse._HelpAction)
+        if not shows:
+            return text
+        return f"{text} (default: {default})" if "default" not in text else f"{text} (current default: {default})"
+
+
+class MoCArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, printed once per node, without the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` (and where to find the flags) once, exit with status 2."""
+        exit_with_error(self.prog, f"{message}\n  (see {self.prog} --help)", EXIT_ARGUMENTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pretrain_moc.py`` parser (no preset applied)."""
-    parser = argparse.ArgumentParser(
+    parser = MoCArgumentParser(
         description="Pretrain a Mixture-of-Chapters language model on megatron-core.",
-        allow_abbrev=False,
+        allow_abbrev=False, add_help=False, formatter_class=_HelpFormatter,
     )
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="Show this help (with --preset NAME: the defaults that preset gives) and exit.")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="Named model whose settings are the defaults; explicit flags override them.")
     for add in (_add_network_size_args, _add_parallel_args, _add_training_args, _add_learning_rate_args,
@@ -168,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         add(parser)
     add_moc_config_flags(parser)
     add_moc_training_flags(parser)
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = _HELP.get(action.option_strings[-1])
     return parser
 
 
@@ -211,6 +291,10 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
         known, _ = parser.parse_known_args(argv)
         if known.preset is not None:
             parser.set_defaults(**preset_defaults(get_preset(known.preset), parser))
+        if known.help:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                parser.print_help()
+            raise SystemExit(0)
         args = parser.parse_args(argv)
         args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         validate(args)

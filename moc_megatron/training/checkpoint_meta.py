@@ -14,6 +14,7 @@ crash at any point leaves the tracker on the previous complete checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -22,6 +23,15 @@ from moc_megatron.model.builder import ModelSettings
 from moc_megatron.training.moc_flags import flag_name
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"iter_(\d{7})")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message names the folder and the flags."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """``--load`` names something that holds no checkpoint but is not empty either."""
 
 # MoCConfig fields that fix the model's parameters or its computation: a checkpoint and the run
 # loading it must agree on all of them.
@@ -71,6 +81,51 @@ def read_tracker(root: str) -> int | None:
         return int(text)
     except ValueError as exc:
         raise RuntimeError(f"{path} holds {text!r}, not an iteration number") from exc
+
+
+def is_saved_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a complete ``dist_checkpointing`` save (its ``metadata.json`` is written last)."""
+    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt"))
+
+
+def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tuple[str, int] | None:
+    """``(checkpoint folder, iteration)`` for ``--load``, or ``None`` to start from scratch.
+
+    - a missing or empty folder (hidden entries such as an interrupted ``.iter_*.partial`` save do not
+      count) -> ``None``; so is a folder that is this run's own ``--save`` (``own_save``) without a
+      checkpoint yet (auto-resume: a job restarted before its first save starts over);
+    - a folder with ``latest_checkpointed_iteration.txt`` -> the iteration it names;
+    - an ``iter_XXXXXXX`` folder holding a complete save -> that iteration;
+    - anything else raises :class:`CheckpointNotFoundError` saying what to pass instead.
+    """
+    if not os.path.exists(load):
+        return None
+    if not os.path.isdir(load):
+        raise CheckpointNotFoundError(f"{flag} {load}: not a folder (give a --save folder or an iter_* folder in it)")
+    iteration = read_tracker(load)
+    if iteration is not None:
+        path = checkpoint_path(load, iteration)
+        if not is_saved_checkpoint(path):
+            raise CheckpointNotFoundError(
+                f"{flag} {load}: {TRACKER_FILENAME} names iteration {iteration}, but {path} is missing or incomplete")
+        return path, iteration
+    match = _ITER_RE.fullmatch(os.path.basename(os.path.normpath(load)))
+    if match:
+        if not is_saved_checkpoint(load):
+            raise CheckpointNotFoundError(f"{flag} {load}: an incomplete checkpoint (no metadata.json/common.pt)")
+        return load, int(match.group(1))
+    entries = sorted(e for e in os.listdir(load) if not e.startswith("."))
+    if not entries or own_save:
+        return None
+    iters = [e for e in entries if _ITER_RE.fullmatch(e) and is_saved_checkpoint(os.path.join(load, e))]
+    if iters:
+        raise CheckpointNotFoundError(
+            f"{flag} {load}: no {TRACKER_FILENAME}; to load one of its checkpoints give "
+            f"{flag} {os.path.join(load, iters[-1])}")
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise CheckpointNotFoundError(
+        f"{flag} {load}: holds files ({shown}) but no checkpoint (no {TRACKER_FILENAME}, no iter_* folder); "
+        "give a pretrain_moc.py --save folder, or a new or empty folder to start from scratch")
 
 
 def _fsync_dir(path: str) -> None:

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -27,15 +28,24 @@ from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.utils import unwrap_model
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.data.tokenizer_record import (
+    CHECKPOINT_KEY,
+    TokenizerRecord,
+    check_same_tokenizer,
+    record_from_checkpoint_state,
+)
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.training import checkpoint_meta as meta
+from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError  # noqa: F401 (re-export)
+from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
+from moc_megatron.training.save_queue import install_save_results_queue
 
 CHECKPOINT_VERSION = 3.0
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint was saved for a different model than the flags describe."""
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was saved for a different model (or schedule, or tokenizer) than the flags describe."""
 
 
 def parallel_layout() -> dict[str, int | None]:
@@ -121,8 +131,11 @@ def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | Non
 
 def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.nn.Module],
                     optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
-                    settings: ModelSettings, consumed_train_samples: int) -> str:
-    """Save to ``{args.save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path."""
+                    settings: ModelSettings, consumed_train_samples: int,
+                    tokenizer_record: TokenizerRecord | None = None) -> str:
+    """Save to ``{args.save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path.
+
+    ``tokenizer_record`` (the run's tokenizer) is stored under ``"tokenizer"`` in the common state."""
     root = args.save
     staging = meta.staging_path(root, iteration)
     if dist.get_rank() == 0:
@@ -143,8 +156,12 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.
         saved_optimizer=not args.no_save_optim,
         saved_rng=not args.no_save_rng,
     )
+    if tokenizer_record is not None:
+        state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
+    install_save_results_queue()
     dist_checkpointing.save(state, staging)
     dist.barrier()
+    maybe_stall_save(iteration)
     final = meta.checkpoint_path(root, iteration)
     if dist.get_rank() == 0:
         meta.publish_checkpoint(root, iteration)
@@ -209,28 +226,94 @@ def _restore_distributed_optimizer_steps(optimizer: MegatronOptimizer, loaded: d
                 state["step"] = torch.tensor(float(steps[0]))
 
 
-def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
-                    scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings) -> tuple[int, int]:
-    """Resume from ``args.load`` (collective); return ``(iteration, consumed_train_samples)``.
+def _same_folder(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
-    ``(0, 0)`` when there is nothing to load. ``--finetune`` loads only the weights and starts at 0;
-    ``--no-load-optim``/``--no-load-rng`` skip those parts. RNG states are skipped (with a note) when the
-    checkpoint was saved at a different parallel layout.
+
+def resolve_load_arg(args: argparse.Namespace) -> tuple[str, int] | None:
+    """``(checkpoint folder, iteration)`` that ``--load`` names, or ``None`` to start from scratch.
+
+    See :func:`checkpoint_meta.resolve_load`; ``--exit-on-missing-checkpoint`` turns "nothing to load"
+    into an error.
     """
     if args.load is None:
+        return None
+    found = meta.resolve_load(args.load, own_save=_same_folder(args.load, args.save))
+    if found is None and args.exit_on_missing_checkpoint:
+        raise CheckpointNotFoundError(f"--load {args.load}: no checkpoint (--exit-on-missing-checkpoint)")
+    return found
+
+
+# OptimizerParamScheduler state -> the flags that set it (megatron asserts they equal the checkpoint's).
+_SCHEDULER_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--start-weight-decay", "end_wd": "--end-weight-decay",
+    "wd_incr_steps": "--lr-decay-iters", "wd_incr_style": "--weight-decay-incr-style",
+}
+_SCHEDULER_STEPS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")  # in samples: iters x global batch
+
+
+def _reconcile_scheduler(args: argparse.Namespace, scheduler: OptimizerParamScheduler, saved: dict,
+                         path: str) -> None:
+    """Turn megatron's scheduler assertion into a one-line message naming the flags.
+
+    The one mismatch that is no mistake: extending a run with a larger ``--train-iters`` while
+    ``--lr-decay-iters`` (and a ``--lr-warmup-fraction`` warmup) was left to default from it. Then the
+    checkpoint's schedule is kept, as if ``--lr-decay-iters`` had been given, and a note says so.
+    """
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    gbs = args.global_batch_size
+    derived = {"lr_decay_steps", "wd_incr_steps"} if getattr(args, "lr_decay_iters_derived", False) else set()
+    if derived and args.lr_warmup_fraction is not None:
+        derived.add("lr_warmup_steps")
+    diffs, adopted = [], []
+    for name, flag in _SCHEDULER_FLAGS.items():
+        if name not in saved or getattr(scheduler, name) == saved[name]:
+            continue
+        ours, theirs = getattr(scheduler, name), saved[name]
+        if name in _SCHEDULER_STEPS:
+            ours, theirs = ours // gbs, theirs // gbs
+        if name in derived:
+            setattr(scheduler, name, saved[name])
+            adopted.append(f"{flag} {theirs}")
+        elif not any(d.startswith(flag + " ") for d in diffs):
+            diffs.append(f"{flag} {theirs} in the checkpoint, {ours} here")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values, or "
+            "--override-opt_param-scheduler to use this run's, or --use-checkpoint-opt_param-scheduler")
+    if adopted:
+        args.lr_decay_iters = scheduler.lr_decay_steps // gbs
+        print_rank_0(f" > resuming the checkpoint's LR schedule ({', '.join(dict.fromkeys(adopted))}); "
+                     "to re-plan it for the new --train-iters add --override-opt_param-scheduler")
+
+
+def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                    scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
+                    tokenizer_record: TokenizerRecord | None = None) -> tuple[int, int]:
+    """Resume from ``args.load`` (collective); return ``(iteration, consumed_train_samples)``.
+
+    ``(0, 0)`` when there is nothing to load (see :func:`resolve_load_arg`). ``--finetune`` loads only the
+    weights and starts at 0; ``--no-load-optim``/``--no-load-rng`` skip those parts. RNG states are skipped
+    (with a note) when the checkpoint was saved at a different parallel layout. A checkpoint whose stored
+    tokenizer differs from ``tokenizer_record`` raises ``TokenizerMismatchError``.
+    """
+    found = resolve_load_arg(args)
+    if found is None:
+        if args.load is not None:
+            print_rank_0(f" > no checkpoint in {args.load}: starting from scratch")
         return 0, 0
-    iteration = meta.read_tracker(args.load)
-    if iteration is None:
-        if args.exit_on_missing_checkpoint:
-            raise FileNotFoundError(f"--load {args.load}: no {meta.TRACKER_FILENAME} (--exit-on-missing-checkpoint)")
-        print_rank_0(f" WARNING: no {meta.TRACKER_FILENAME} in {args.load}; starting from scratch")
-        return 0, 0
-    path = meta.checkpoint_path(args.load, iteration)
+    path, iteration = found
     common = dist_checkpointing.load_common_state_dict(path)
     mismatches = meta.signature_mismatches(common["model_signature"], meta.model_signature(config, settings))
     if mismatches:
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved for a different model; these settings disagree:\n" + "\n".join(mismatches))
+    if tokenizer_record is not None:
+        check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {args.tokenizer_model}",
+                             record_from_checkpoint_state(common), f"checkpoint {path}")
     load_optim = common.get("saved_optimizer", False) and not (args.no_load_optim or args.finetune)
     same_layout = common.get("parallel_layout") == parallel_layout()
     load_rng = common.get("saved_rng", False) and same_layout and not (args.no_load_rng or args.finetune)
@@ -250,7 +333,9 @@ def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], opti
             f"checkpoint {path} holds distributed-optimizer state for layout {saved_layout}, which loads only at "
             f"the same TP/PP/EP/VPP sizes (this run: {this_layout}); use that layout or --no-load-optim")
     state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, args, is_loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
+        warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+        loaded = dist_checkpointing.load(state, path)
     for key, chunk in zip(_model_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if load_optim:
@@ -258,6 +343,7 @@ def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], opti
             optimizer.load_state_dict(loaded["optimizer"])
         if args.use_distributed_optimizer:
             _restore_distributed_optimizer_steps(optimizer, loaded["optimizer"])
+        _reconcile_scheduler(args, scheduler, loaded["opt_param_scheduler"], path)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()  # the fp32 main weights follow the loaded model weights

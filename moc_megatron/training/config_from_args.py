@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,20 @@ def transformer_config_from_args(args: argparse.Namespace) -> MoCConfig:
     if args.swiglu:
         kwargs.update(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False)
     kwargs.update(platform.pipeline_config_overrides())
-    return MoCConfig(**kwargs)
+    with warnings.catch_warnings():
+        for message in _INAPPLICABLE_CONFIG_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        return MoCConfig(**kwargs)
+
+
+# megatron's TransformerConfig warnings that do not apply to a MoC model: under EP, MoCConfig sets
+# num_moe_experts (megatron's expert-parallel groups need it) but the model has no MoE MLP or MoE router;
+# "full scope" is the default cuda_graph_scope, and no CUDA graph is captured.
+_INAPPLICABLE_CONFIG_WARNINGS = (
+    r"moe_ffn_hidden_size is not set",
+    r"Using a large number of experts .* without fp32 routing",
+    r"full scope is deprecated",
+)
 
 
 def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelConfig:
@@ -67,7 +81,10 @@ def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelCon
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # NaN/Inf is checked on the loss before the optimizer step (nan_check.py, with the iteration and
+        # --skip-nan-loss-iterations); megatron's own bucket check reports through its rerun state machine,
+        # which asks for a CUDA device and knows no iteration of ours.
+        check_for_nan_in_grad=False,
     )
 
 

@@ -23,6 +23,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from moc_megatron import platform
+from moc_megatron.data.dataset_check import check_indexed_dataset
+from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
 
 
 @dataclass
@@ -46,6 +48,31 @@ def dataset_tokenizer(tokenizer=None, vocab_size: int | None = None, name: str =
     if tokenizer is None:
         return DatasetTokenizer(vocab_size=vocab_size)
     return DatasetTokenizer(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, name)
+
+
+def data_prefixes(args: argparse.Namespace) -> list[str]:
+    """Every indexed-dataset prefix the flags read (``--data-path``, the per-split paths, ``--sft-data-path``)."""
+    prefixes: list[str] = []
+    for blend in [args.data_blend, *(args.data_blend_per_split or [])]:
+        if blend is not None:
+            prefixes += blend[0]
+    sft = getattr(args, "sft_data_path", None)
+    if sft:
+        prefixes += [f"{sft}_tokens", f"{sft}_loss_mask"]
+    return list(dict.fromkeys(prefixes))
+
+
+def check_data_inputs(args: argparse.Namespace, tokenizer_record: TokenizerRecord | None) -> None:
+    """Stop before training if a dataset is truncated/corrupt or was made with another tokenizer.
+
+    Raises ``DatasetFileError`` or ``TokenizerMismatchError``, naming the file. A dataset without a
+    tokenizer record (made before records existed) is not compared.
+    """
+    for prefix in data_prefixes(args):
+        check_indexed_dataset(prefix)
+        if tokenizer_record is not None:
+            check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {args.tokenizer_model}",
+                                 read_dataset_record(prefix), f"dataset {prefix}.idx")
 
 
 class PretrainingSampler:

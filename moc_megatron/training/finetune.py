@@ -50,7 +50,6 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     parser.description = "Instruction-tune (SFT) a pretrained Mixture-of-Chapters model on chat data."
     parser.epilog = IFT_EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     g = parser.add_argument_group("instruction tuning")
     g.add_argument("--sft-data-path", default=None,
                    help="Output prefix of tools/preprocess_sft.py (instead of --data-path).")
@@ -91,15 +90,21 @@ def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | Non
 
 
 def resolve_start(args: argparse.Namespace) -> str:
-    """Point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``."""
-    if args.load is not None and meta.read_tracker(args.load) is not None:
+    """Point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``.
+
+    ``--load`` resumes when it holds a checkpoint (a folder with a tracker, or an ``iter_*`` folder);
+    ``--pretrained-checkpoint`` must hold one (either form). Raises ``CheckpointNotFoundError`` otherwise.
+    """
+    own = args.save is not None and args.load is not None and \
+        os.path.realpath(args.save) == os.path.realpath(args.load)
+    if args.load is not None and meta.resolve_load(args.load, own_save=own) is not None:
         return "resume"
     if args.pretrained_checkpoint is None:
-        raise FileNotFoundError(f"--load {args.load}: no {meta.TRACKER_FILENAME}, and no --pretrained-checkpoint")
-    if meta.read_tracker(args.pretrained_checkpoint) is None:
-        raise FileNotFoundError(
-            f"--pretrained-checkpoint {args.pretrained_checkpoint}: no {meta.TRACKER_FILENAME} "
-            "(not a --save directory)")
+        raise meta.CheckpointNotFoundError(f"--load {args.load}: no checkpoint, and no --pretrained-checkpoint")
+    if meta.resolve_load(args.pretrained_checkpoint, "--pretrained-checkpoint") is None:
+        raise meta.CheckpointNotFoundError(
+            f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there "
+            f"(give a pretrain_moc.py --save folder or one of its iter_* folders)")
     args.load = args.pretrained_checkpoint
     args.finetune = True
     return "pretrained"

@@ -14,10 +14,18 @@ from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
 from moc_megatron import platform
 from moc_megatron.config import MoCConfig
+from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
 from moc_megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
-from moc_megatron.training.data import DatasetTokenizer, build_datasets, data_iterators, dataset_tokenizer
+from moc_megatron.training.data import (
+    DatasetTokenizer,
+    build_datasets,
+    check_data_inputs,
+    data_iterators,
+    dataset_tokenizer,
+)
+from moc_megatron.training.fault_injection import maybe_kill_rank
 from moc_megatron.training.logging import (
     TrainingLogger,
     print_rank_0,
@@ -25,6 +33,7 @@ from moc_megatron.training.logging import (
     reduce_memory_aux_losses,
     reset_memory_statistics,
 )
+from moc_megatron.training.nan_check import NonFiniteLossError, is_nonfinite, nonfinite_loss_message
 from moc_megatron.training.optimizer import role_lrs
 from moc_megatron.training.setup import TrainingStack, build_training_stack, count_parameters, initialize
 from moc_megatron.training.train_step import LM_LOSS, evaluate, train_step
@@ -41,17 +50,26 @@ class PretrainResult:
     validation_losses: dict[int, float] = field(default_factory=dict)
     checkpoint: str | None = None
     """Path of the last checkpoint this run saved."""
+    skipped_iterations: list[int] = field(default_factory=list)
+    """Iterations whose optimizer step was skipped for a NaN/Inf loss (``--skip-nan-loss-iterations``)."""
 
 
 def _tokenizer(args: argparse.Namespace) -> tuple[DatasetTokenizer, int | None]:
     """The datasets' view of the tokenizer, and its vocabulary size (``None`` without a tokenizer)."""
+    tokenizer, vocab, _ = _tokenizer_and_record(args)
+    return tokenizer, vocab
+
+
+def _tokenizer_and_record(args: argparse.Namespace) -> tuple[DatasetTokenizer, int | None, TokenizerRecord | None]:
+    """As :func:`_tokenizer`, plus the tokenizer's record (``None`` without a tokenizer)."""
     if args.tokenizer_type is None:
-        return dataset_tokenizer(vocab_size=args.vocab_size), None
+        return dataset_tokenizer(vocab_size=args.vocab_size), None, None
     from moc_megatron.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     name = f"{args.tokenizer_type}:{args.tokenizer_model}"
-    return dataset_tokenizer(tokenizer, name=name), tokenizer.vocab_size
+    record = record_from_tokenizer(tokenizer, args.tokenizer_type, args.tokenizer_model)
+    return dataset_tokenizer(tokenizer, name=name), tokenizer.vocab_size, record
 
 
 def _learning_rates(stack: TrainingStack, args: argparse.Namespace) -> dict[str, float]:
@@ -98,8 +116,8 @@ def _resume_hint(args: argparse.Namespace, path: str) -> str:
     tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
     return (f" checkpoint saved to {path} (tracker: {tracker})\n"
             f" to resume, run the same command with --load {args.save}:\n   {command}\n"
-            f" (to train further, also raise --train-iters; the LR schedule is checked against the checkpoint,"
-            f" so keep --lr-decay-iters or pass --override-opt_param-scheduler)")
+            f" (to train further, raise --train-iters: the checkpoint's LR schedule (--lr-decay-iters "
+            f"{args.lr_decay_iters}) is kept; add --override-opt_param-scheduler to re-plan it)")
 
 
 def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func=None) -> PretrainResult:
@@ -110,13 +128,15 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
     """
     datasets_provider = datasets_provider or build_datasets
     step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
+    tokenizer, tokenizer_vocab, record = _tokenizer_and_record(args)
+    check_data_inputs(args, record)  # before any process group: every rank stops on the same files
     initialize(args)
-    tokenizer, tokenizer_vocab = _tokenizer(args)
     config = transformer_config_from_args(args)
     settings = model_settings_from_args(args, tokenizer_vocab)
     stack = build_training_stack(args, config, settings)
     _print_setup(args, config, stack, settings.vocab_size)
-    iteration, consumed = load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings)
+    iteration, consumed = load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings,
+                                        tokenizer_record=record)
     result = PretrainResult(start_iteration=iteration, iteration=iteration)
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
@@ -132,6 +152,8 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
     while iteration < args.train_iters:
         step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
         iteration += 1
+        _check_finite(args, step, iteration, result)
+        maybe_kill_rank(iteration)
         consumed += args.global_batch_size
         aux = reduce_memory_aux_losses(config, args.num_microbatches)
         if LM_LOSS in step.losses:
@@ -144,7 +166,7 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
             _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
-                                                config, settings, consumed)
+                                                config, settings, consumed, tokenizer_record=record)
             last_saved = iteration
             print_rank_0(f" saved checkpoint at iteration {iteration} to {result.checkpoint}")
         logger.exclude(time.perf_counter() - paused)
@@ -153,13 +175,26 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
         _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
     if args.save and iteration > last_saved:
         result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
-                                            config, settings, consumed)
+                                            config, settings, consumed, tokenizer_record=record)
     logger.close()
     reset_memory_statistics()
     if result.checkpoint:
         print_rank_last(_resume_hint(args, result.checkpoint))
     destroy_bank_groups()
     return result
+
+
+def _check_finite(args: argparse.Namespace, step, iteration: int, result: PretrainResult) -> None:
+    """Stop (or, with ``--skip-nan-loss-iterations``, note the skip) on a NaN/Inf loss or grad norm."""
+    if not args.check_for_nan_in_loss_and_grad:
+        return
+    if step.nonfinite_loss:
+        if not args.skip_nan_loss_iterations:
+            raise NonFiniteLossError(nonfinite_loss_message(iteration))
+        result.skipped_iterations.append(iteration)
+        print_rank_0(f" iteration {iteration}: loss is NaN or Inf, optimizer step skipped (--skip-nan-loss-iterations)")
+    elif is_nonfinite(step.grad_norm):
+        raise NonFiniteLossError(nonfinite_loss_message(iteration, "gradient norm"))
 
 
 def _on_any_rank(flag: bool) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +29,40 @@ from moc_megatron.training.optimizer import build_optimizer, freeze_bank
 from moc_megatron.training.schedule import build_scheduler
 
 
+class _DropMessages(logging.Filter):
+    """A logging filter that drops records whose message matches one of the patterns."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+# megatron-core notices that say nothing about our runs: mock data has no index cache to save, a blend's
+# small index is rebuilt on every start without --data-cache-path (the GPT datasets' caches go beside the
+# data and keep their notices), and the rerun state machine (fault injection / result validation) is not
+# used and stays disabled.
+_INAPPLICABLE_NOTICES = {
+    "megatron.core.datasets.gpt_dataset": (r"^Unable to save MockGPTDataset indexes because path_to_cache is None",),
+    "megatron.core.datasets.blended_dataset": (r"^Cannot save the BlendedDataset indexes because path_to_cache",),
+    "megatron.core.rerun_state_machine": (r"^Implicit initialization of Rerun State Machine!",
+                                          r"^RerunStateMachine initialized in mode RerunMode\.DISABLED"),
+}
+
+
+def quiet_inapplicable_notices() -> None:
+    """Install, once, logging filters for the megatron-core notices in ``_INAPPLICABLE_NOTICES`` (others stay)."""
+    for name, patterns in _INAPPLICABLE_NOTICES.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages(patterns))
+
+
 def initialize(args: argparse.Namespace) -> None:
     """torch.distributed + megatron-core parallel state for the flags' layout, then the seeds."""
+    quiet_inapplicable_notices()
     platform.initialize_distributed(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -15,6 +15,7 @@ from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from moc_megatron.memory.aux_losses import set_aux_loss_scale
 from moc_megatron.training.data import get_batch
+from moc_megatron.training.nan_check import local_losses_nonfinite, on_any_rank
 from moc_megatron.training.schedule import scheduler_step
 
 LM_LOSS = "lm loss"
@@ -68,6 +69,8 @@ class StepResult:
     grad_norm: float | None
     update_successful: bool
     num_zeros_in_grad: int | None
+    nonfinite_loss: bool = False
+    """The loss was NaN/Inf on some rank: the optimizer step was not taken."""
 
 
 def _run_schedule(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
@@ -101,6 +104,8 @@ def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch
     loss_scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
     set_aux_loss_scale(loss_scale / args.num_microbatches)
     losses = _run_schedule(args, data_iterators, model, forward_step_func, forward_only=False)
+    if getattr(args, "check_for_nan_in_loss_and_grad", False) and on_any_rank(local_losses_nonfinite(losses)):
+        return StepResult(reduce_losses(losses), None, False, None, nonfinite_loss=True)
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler_step(scheduler, args)

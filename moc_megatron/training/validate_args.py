@@ -100,20 +100,27 @@ def _validate_batch(args: argparse.Namespace) -> None:
 def _validate_schedule(args: argparse.Namespace) -> None:
     if args.min_lr > args.lr:
         raise ArgumentsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    args.lr_decay_iters_derived = args.lr_decay_iters is None  # a resume may keep the checkpoint's instead
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
         if args.lr_warmup_iters:
             raise ArgumentsError("give --lr-warmup-iters or --lr-warmup-fraction, not both")
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    decay = (f"--lr-decay-iters {args.lr_decay_iters} (the default: --train-iters)" if args.lr_decay_iters_derived
+             else f"--lr-decay-iters {args.lr_decay_iters}")
     if args.lr_warmup_iters >= args.lr_decay_iters:
         raise ArgumentsError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters {args.lr_decay_iters}")
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than {decay}: lower it, or give "
+            "--lr-warmup-fraction (e.g. 0.05), which scales with the run")
     if args.lr_decay_style == "WSD":
         if args.lr_wsd_decay_iters is None:
             raise ArgumentsError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
         if args.lr_wsd_decay_iters > args.lr_decay_iters - args.lr_warmup_iters:
-            raise ArgumentsError("--lr-wsd-decay-iters is longer than the iterations after warmup")
+            raise ArgumentsError(
+                f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} is longer than the "
+                f"{args.lr_decay_iters - args.lr_warmup_iters} iterations after warmup "
+                f"({decay} - --lr-warmup-iters {args.lr_warmup_iters})")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ArgumentsError(
             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")

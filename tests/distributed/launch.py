@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def run_distributed(
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     args: Sequence[str] = (),
+    max_restarts: int = 0,
 ) -> str:
     """Run ``target`` on ``nprocs`` processes with torchrun and return their combined output.
 
@@ -50,6 +52,7 @@ def run_distributed(
         env: extra environment variables for the workers (override the defaults above).
         timeout: seconds before the whole process group is killed and the test fails.
         args: command-line arguments for a script target.
+        max_restarts: torchrun's ``--max-restarts`` (restart rounds after a worker fails).
 
     Fails the calling pytest test (``pytest.fail``) on a non-zero exit or a timeout.
     """
@@ -61,23 +64,30 @@ def run_distributed(
         script_args = list(args)
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nprocs}", "--max_restarts=0",
+        "--standalone", f"--nproc_per_node={nprocs}", f"--max-restarts={max_restarts}",
         str(script), *script_args,
     ]
     child_env = {**os.environ, "MOC_FORCE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=child_env,
-        start_new_session=True,  # own process group: a timeout kills torchrun and all its workers
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    # Output goes to a file and the wait is on torchrun itself, not on the end of its output: a
+    # process left behind by a killed worker must not keep the test waiting. Leftovers are then killed.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env,
+            start_new_session=True,  # own process group: a timeout kills torchrun and all its workers
+        )
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
         _kill_group(proc)
-        output, _ = proc.communicate()
+        log.seek(0)
+        output = log.read()
+    if timed_out:
         _fail(f"timed out after {timeout:.0f}s", cmd, output)
     if proc.returncode != 0:
         _fail(f"exit code {proc.returncode}", cmd, output)
@@ -92,6 +102,7 @@ def _locate(fn: Callable[[], object]) -> str:
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL, torchrun's process group (torchrun, its workers and anything they left)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -99,7 +110,6 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
             return
         try:
             proc.wait(timeout=10)
-            return
         except subprocess.TimeoutExpired:
             continue
 

@@ -171,7 +171,8 @@ def test_overwrites_previous_outputs(run_tool, tiny_corpus, sp_model, tmp_path) 
         (tmp_path / name).write_bytes(b"stale")
     assert _preprocess(run_tool, tiny_corpus, prefix, sp_model) == 0
     assert len(_read(f"{prefix}_text_document")) > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again_text_document.bin", "again_text_document.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "again_text_document.bin", "again_text_document.idx", "again_text_document.tokenizer.json"]
 
 
 def test_progress_lines_report_rates(run_tool, tiny_corpus, tiny_texts, sp_model, tmp_path, capsys) -> None:

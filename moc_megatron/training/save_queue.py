@@ -1,0 +1,40 @@
+"""The result queue of megatron-core's checkpoint writer, in a helper process that dies with its rank.
+
+``dist_checkpointing``'s ``FileSystemWriterAsync`` (megatron-core 0.16.1) collects write results through
+a queue held by a ``multiprocessing`` manager, a spawned server process it starts on the first save. If
+the rank is SIGKILLed (a failed node, an elastic restart) that server is orphaned and lives on, holding
+the rank's stdout/stderr open: every restart round leaks a process, and whatever waits for the job's
+output (a test, a log collector) waits forever. :func:`install_save_results_queue` creates the same
+queue first, from a manager whose server asks Linux to kill it when its parent dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+_manager: SyncManager | None = None
+
+
+def _die_with_parent() -> None:
+    """Manager-server initializer: SIGKILL on the parent's death (``PR_SET_PDEATHSIG``, Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def install_save_results_queue() -> None:
+    """Give megatron-core's async filesystem writer its result queue before it makes its own (idempotent)."""
+    global _manager
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "missing") is not None:
+        return  # already created, or a megatron-core without this global: leave it alone
+    _manager = SyncManager(ctx=mp.get_context("spawn"))
+    _manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = _manager.Queue()
