@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moc_megatron.data.tokenizer_record import record_from_checkpoint_state
 from moc_megatron.hf import names
 from moc_megatron.hf.dist_reader import DistCheckpointReader, resolve_checkpoint
 from moc_megatron.hf.hf_tokenizer import TokenizerSpec, check_tokenizer, write_tokenizer
@@ -104,7 +105,9 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     groups = names.group_by_key(plan)
     stored = _check_shapes(reader, groups, config)
     tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type)
-    special = check_tokenizer(tokenizer, config["vocab_size"], args, reader.common.get("parallel_layout") or {})
+    recorded = record_from_checkpoint_state(reader.common)
+    special = check_tokenizer(tokenizer, config["vocab_size"], args, reader.common.get("parallel_layout") or {},
+                              recorded, f"the checkpoint {path}")
     dtype = DTYPES[opts.dtype]
     size = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards([([e.hf_name for e in entries], sum(torch.Size(e.shape).numel() for e in entries) * size)
@@ -125,7 +128,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
             log(f"  read {n}/{len(groups)} checkpoint tensors")
     writer.finish()
     _write_config(staging, config, special, opts.dtype)
-    write_tokenizer(tokenizer, staging)
+    write_tokenizer(tokenizer, staging, recorded)
     here = os.path.dirname(os.path.abspath(__file__))
     for name in MODEL_FILES:
         shutil.copyfile(os.path.join(here, name), os.path.join(staging, name))

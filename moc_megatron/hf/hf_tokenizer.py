@@ -1,7 +1,9 @@
 """The tokenizer of an exported folder: which one, whether it fits the model, and its files.
 
-Kept in one place so a check that the tokenizer is the one the checkpoint was trained with can be
-added to :func:`check_tokenizer` alone. A sentencepiece ``.model`` is converted to a ``tokenizer.json``
+:func:`check_tokenizer` refuses a tokenizer whose vocabulary does not fit the model and, when the checkpoint
+records its tokenizer (``moc_megatron.data.tokenizer_record``), any other tokenizer than that one. The record
+travels with the export as ``tokenizer_record.json`` so an import puts it back.
+A sentencepiece ``.model`` is converted to a ``tokenizer.json``
 (``tokenizers`` library only, loads in transformers 4.x and 5.x) and the conversion is verified to encode
 like sentencepiece on sample text; a Hugging Face tokenizer folder is copied.
 """
@@ -14,10 +16,18 @@ import shutil
 from dataclasses import dataclass
 
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
+from moc_megatron.data.tokenizer_record import (
+    TokenizerMismatchError,
+    TokenizerRecord,
+    check_same_tokenizer,
+    record_from_tokenizer,
+    write_record_file,
+)
 from moc_megatron.model.builder import pad_vocab_size
 
 _SAMPLES = ("Hello world! The quick brown fox jumps over the lazy dog.",
             "  def f(x):\n\treturn x ** 2  # 42, 3.14\n", "Ünïcödé — naïve café, 東京 1999")
+RECORD_FILE = "tokenizer_record.json"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -51,15 +61,23 @@ class TokenizerSpec:
         return build_tokenizer(self.type, self.model)
 
 
-def check_tokenizer(spec: TokenizerSpec, model_vocab: int, args: dict, layout: dict) -> dict:
-    """Special-token ids for the config; raises :class:`TokenizerError` if the vocabulary does not fit.
+def check_tokenizer(spec: TokenizerSpec, model_vocab: int, args: dict, layout: dict,
+                    recorded: TokenizerRecord | None = None, checkpoint: str = "the checkpoint") -> dict:
+    """Special-token ids for the config; raises :class:`TokenizerError` if the tokenizer is not the model's.
 
     The model's vocabulary is the tokenizer's padded as Megatron pads it (``--make-vocab-size-divisible-by``
-    x TP of the saving run), so a tokenizer of another size is a different tokenizer.
+    x TP of the saving run), so a tokenizer of another size is a different tokenizer. ``recorded`` is the
+    tokenizer the checkpoint was trained with (if it says): any other one is refused, naming both files.
     """
     tok = spec.build()
     if tok is None:
         return {}
+    if recorded is not None:
+        try:
+            check_same_tokenizer(record_from_tokenizer(tok, spec.type, spec.model), f"--tokenizer-model {spec.model}",
+                                 recorded, checkpoint)
+        except TokenizerMismatchError as exc:
+            raise TokenizerError(str(exc)) from exc
     divisible = args.get("make_vocab_size_divisible_by") or 128
     padded = pad_vocab_size(tok.vocab_size, divisible, layout.get("tp") or 1)
     if tok.vocab_size > model_vocab or padded != model_vocab:
@@ -80,11 +98,13 @@ def _id0_is_not_text(tok: MoCTokenizer) -> bool:
     return any(tok._tok.token_to_id(strings[k]) == 0 for k in ("unk_token", "pad_token") if k in strings)
 
 
-def write_tokenizer(spec: TokenizerSpec, folder: str) -> None:
-    """Tokenizer files into ``folder`` (nothing when there is no tokenizer)."""
+def write_tokenizer(spec: TokenizerSpec, folder: str, recorded: TokenizerRecord | None = None) -> None:
+    """Tokenizer files into ``folder`` (nothing when there is no tokenizer), with ``tokenizer_record.json``
+    (``recorded``, the checkpoint's record, else the record of ``spec``)."""
     tok = spec.build()
     if tok is None:
         return
+    write_record_file(os.path.join(folder, RECORD_FILE), recorded or record_from_tokenizer(tok, spec.type, spec.model))
     if spec.type == "HuggingFaceTokenizer":
         source = spec.model if os.path.isdir(spec.model) else os.path.dirname(spec.model)
         for name in _HF_FILES:

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moc_megatron.data.tokenizer_record import CHECKPOINT_KEY, TokenizerRecord, record_for
 from moc_megatron.hf import names
 from moc_megatron.hf.export import staging_folder
+from moc_megatron.hf.hf_tokenizer import RECORD_FILE
 
 SUPPORTED = "MoC folders exported by tools/convert_checkpoint.py and LlamaForCausalLM-layout models"
 
@@ -244,7 +246,7 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, meta.checkpoint_name(0)))
     save_weights_checkpoint({"model": sharded}, args, megatron_config, settings,
-                            os.path.join(staging, meta.checkpoint_name(0)))
+                            os.path.join(staging, meta.checkpoint_name(0)), hf_tokenizer_record(opts.hf))
     meta.write_tracker(staging, 0)
     os.rename(staging, opts.save)
     log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied"
@@ -258,9 +260,23 @@ def _is_memory(hf_name: str) -> bool:
     return ".memory." in hf_name or ".memory_layernorm." in hf_name or hf_name.startswith("model.memory_bank.")
 
 
-def save_weights_checkpoint(models: dict, args, config, settings, path: str) -> None:
+def hf_tokenizer_record(folder: str) -> TokenizerRecord | None:
+    """The tokenizer an imported checkpoint records: the exported checkpoint's own (``tokenizer_record.json``),
+    else the folder's ``tokenizer.json`` as a ``HuggingFaceTokenizer``, else none."""
+    path = os.path.join(folder, RECORD_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return TokenizerRecord.from_dict(json.load(f))
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return record_for("HuggingFaceTokenizer", folder)
+    return None
+
+
+def save_weights_checkpoint(models: dict, args, config, settings, path: str,
+                            tokenizer_record: TokenizerRecord | None = None) -> None:
     """Collective ``dist_checkpointing.save`` of model chunks' sharded state dicts (``{"model": ...}``, or
-    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``."""
+    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``,
+    recording ``tokenizer_record`` (checked by runs that load it)."""
     from megatron.core import dist_checkpointing
 
     from moc_megatron.training import checkpoint_meta as meta
@@ -280,4 +296,6 @@ def save_weights_checkpoint(models: dict, args, config, settings, path: str) -> 
         "saved_optimizer": False,
         "saved_rng": False,
     }
+    if tokenizer_record is not None:
+        state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
     dist_checkpointing.save(state, path)

@@ -16,7 +16,13 @@ transformers = pytest.importorskip("transformers")
 import hf_helpers as H  # noqa: E402  (tests/unit is on sys.path under pytest)
 
 from moc_megatron.hf.export import ExportError, ExportOptions, export_checkpoint  # noqa: E402
-from moc_megatron.hf.importer import ImportError_, ImportOptions, import_checkpoint  # noqa: E402
+from moc_megatron.hf.importer import (  # noqa: E402
+    ImportError_,
+    ImportOptions,
+    import_checkpoint,
+    save_weights_checkpoint,  # noqa: E402
+)
+from moc_megatron.training import checkpoint_meta as meta  # noqa: E402
 
 VARIANTS = {
     "sequence-paper-sharedbank-tied": [],
@@ -288,3 +294,28 @@ def test_command_line_export_import_and_errors(exported, tmp_path, run_tool, cap
     assert config["memory_layers"] == [0, 2] and config["shared_bank"] is False and config["dtype"] == "bfloat16"
     index = json.load(open(tmp_path / "hf" / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 1
+
+
+def test_checkpoint_tokenizer_record_is_checked_and_survives_the_round_trip(tmp_path, sp_model, mcore_world):
+    """Export refuses a tokenizer other than the one the checkpoint records (same vocabulary size, other file);
+    the record travels in the HF folder and an import writes it back into the Megatron checkpoint."""
+    from dataclasses import replace
+
+    from moc_megatron.data.tokenizer_record import record_for, record_from_checkpoint
+    from moc_megatron.hf.hf_tokenizer import TokenizerError
+
+    record = record_for("SentencePieceTokenizer", sp_model)
+    model, args, config, settings = H.megatron_model(["--vocab-size", "512"])
+    for name, rec in (("other", replace(record, model_sha256="0" * 64)), ("same", record)):
+        path = tmp_path / name / "iter_0000000"
+        os.makedirs(path)
+        save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, str(path), rec)
+        meta.write_tracker(str(tmp_path / name), 0)
+    with pytest.raises(TokenizerError, match="tokenizer mismatch.*model_sha256"):
+        export_checkpoint(ExportOptions(load=str(tmp_path / "other"), output=str(tmp_path / "hf_other"),
+                                        tokenizer_model=sp_model), log=quiet)
+    assert not os.path.exists(tmp_path / "hf_other")
+    export_checkpoint(ExportOptions(load=str(tmp_path / "same"), output=str(tmp_path / "hf"),
+                                    tokenizer_model=sp_model), log=quiet)
+    import_checkpoint(ImportOptions(hf=str(tmp_path / "hf"), save=str(tmp_path / "back")), log=quiet)
+    assert record_from_checkpoint(str(tmp_path / "back" / "iter_0000000")) == record
