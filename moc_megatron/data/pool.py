@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 Meta = TypeVar("Meta")
+
+
+def worker_context() -> mp.context.BaseContext:
+    """``fork`` (fast) when this process has one thread, else ``forkserver``.
+
+    Forking a process whose other threads may hold a lock (OpenMP, gloo, a writer thread: the tools called
+    in-process after training, as the tests do) can deadlock the child; ``forkserver`` starts workers from a
+    clean single-threaded server instead.
+    """
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        return mp.get_context()
+    return mp.get_context("fork" if threads == 1 else "forkserver")
 
 
 def ordered_map(
@@ -27,7 +42,7 @@ def ordered_map(
     a worker exception is re-raised here. ``on_start`` runs once the workers exist (they are forked first).
     """
     window = window or 4 * workers
-    pool = mp.get_context().Pool(workers, initializer=initializer, initargs=initargs)
+    pool = worker_context().Pool(workers, initializer=initializer, initargs=initargs)
     ok = False
     try:
         if on_start is not None:

@@ -10,7 +10,6 @@ and the partial datasets are concatenated in order: the output is byte-identical
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -31,7 +30,7 @@ from moc_megatron.data.jsonl import (
     iter_chunks,
     plan_partitions,
 )
-from moc_megatron.data.pool import ordered_map
+from moc_megatron.data.pool import ordered_map, worker_context
 from moc_megatron.data.progress import Progress
 from moc_megatron.data.tokenizer import build_tokenizer
 from moc_megatron.data.tokenizer_record import dataset_record_path, record_from_tokenizer, write_record_file
@@ -195,7 +194,7 @@ def _run_partitions(
     dtype: str,
     progress: Progress,
 ) -> PreprocessStats:
-    ctx = mp.get_context()
+    ctx = worker_context()
     counters = ctx.Array("q", 3 * len(plan), lock=False)
     part_prefixes = [{k: staged.scratch(f"part{i}_{k}") for k in config.json_keys} for i in range(len(plan))]
     stats_paths = [staged.scratch(f"part{i}.json") for i in range(len(plan))]
