@@ -8,6 +8,27 @@ from __future__ import annotations
 
 import torch
 
+IMPLEMENTATIONS = ("auto", "triton", "blocked", "gather")
+"""Values of ``impl`` (and of ``--moc-attention-impl``)."""
+
+
+def resolve_impl(impl: str, query: torch.Tensor) -> str:
+    """The implementation ``impl`` stands for on ``query``'s device: ``auto`` is Triton on a GPU, blocked on a CPU.
+
+    ``auto`` falls back to ``blocked`` on a GPU when Triton does not import or the dtype is not
+    fp32/fp16/bf16 (the kernel's inputs); an explicit ``triton`` raises instead.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"chapter attention impl must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
+    if impl != "auto":
+        return impl
+    if query.is_cuda and query.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from moc_megatron.kernels import triton_available
+
+        if triton_available():
+            return "triton"
+    return "blocked"
+
 
 def chapter_attention(
     query: torch.Tensor,
@@ -18,6 +39,7 @@ def chapter_attention(
     gating: str,
     softmax_scale: float,
     need_lse: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attend every unit's queries to its selected chapters.
 
@@ -31,14 +53,33 @@ def chapter_attention(
             spans all selected tokens; ``mixture``: one softmax per chapter, outputs summed with the
             weights.
         need_lse: ``False`` when this is the whole read (no partials to merge) and every ``selected``
-            index is valid: paper gating then runs one fused ``scaled_dot_product_attention`` (its own
-            softmax and backward, no log-sum-exp) and returns ``(out, None)``.
+            index is valid: paper gating then returns ``(out, None)`` (``gather`` runs one fused
+            ``scaled_dot_product_attention``, with its own softmax and backward).
+        impl: ``gather`` (the reference: copies every unit's k*T keys/values, then dense attention),
+            ``blocked`` (:mod:`moc_megatron.kernels.blocked`: blocked online softmax, bounded memory),
+            ``triton`` (:mod:`moc_megatron.kernels.triton_chapter_attention`: the fused kernel) or
+            ``auto`` (see :func:`resolve_impl`). All give the same numbers to rounding.
 
     Returns:
         ``(out [n, u, h, e], lse [n, u, h])`` for ``paper`` (``out`` normalised over the tokens
         here, ``lse`` their log-sum-exp, ``-inf`` where nothing is selected), or ``(out, None)`` for
         ``mixture`` (partial outputs add up).
     """
+    if gating not in ("paper", "mixture"):
+        raise ValueError(f"unknown gating {gating!r}")
+    impl = resolve_impl(impl, query)
+    if impl != "gather":
+        if impl == "blocked":
+            from moc_megatron.kernels.blocked import blocked_chapter_attention as fused
+        else:
+            from moc_megatron.kernels.triton_chapter_attention import triton_chapter_attention as fused
+        out, lse = fused(query, keys, values, selected, weights, gating, softmax_scale)
+        return out, (lse if need_lse else None)
+    return _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse)
+
+
+def _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse):
+    """The reference: every unit's selected keys/values copied out with ``index_select``, then dense math."""
     n, u, h, e = query.shape
     k = selected.shape[1]
     t, g = keys.shape[1], keys.shape[2]
