@@ -6,6 +6,8 @@ Pure tensor math: no process groups. Shapes use ``n`` routing units of ``u`` que
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IMPLEMENTATIONS = ("auto", "triton", "blocked", "gather")
@@ -20,6 +22,14 @@ def resolve_impl(impl: str, query: torch.Tensor) -> str:
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"chapter attention impl must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
+    if impl == "triton":
+        from moc_megatron.kernels import triton_available
+
+        if not triton_available():
+            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs Triton installed")
+        if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs a CUDA GPU "
+                               "(or TRITON_INTERPRET=1, for tests); use auto or blocked on a CPU")
     if impl != "auto":
         return impl
     if query.is_cuda and query.dtype in (torch.float32, torch.float16, torch.bfloat16):

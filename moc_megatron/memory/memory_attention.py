@@ -121,7 +121,7 @@ class MoCMemoryAttention(MegatronModule):
             sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
             keys, values, selected = self._routed_keys_values(sent.local_chapters)
             routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
-                                       self.softmax_scale)
+                                       self.softmax_scale, impl=cfg.moc_attention_impl)
             shared = self._shared_partial(query, shared_w)
             out = self.dispatcher.combine(*routed, extra=shared)
         out = self._from_units(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
@@ -153,7 +153,7 @@ class MoCMemoryAttention(MegatronModule):
         weights = copy_to_tensor_model_parallel_region(weights)
         keys, values = self._project(tokens)
         out, _ = chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
-                                   self.softmax_scale, need_lse=False)
+                                   self.softmax_scale, need_lse=False, impl=self.config.moc_attention_impl)
         return out
 
     def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +185,7 @@ class MoCMemoryAttention(MegatronModule):
         keys, values = self._project(self.shared_norm(self.bank.shared))
         selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
         return chapter_attention(query, keys, values, selected, shared_w, self.config.moc_gating,
-                                 self.softmax_scale)
+                                 self.softmax_scale, impl=self.config.moc_attention_impl)
 
     def _to_units(self, x: torch.Tensor) -> torch.Tensor:
         """``[s, b, h, e]`` -> ``[units, unit_len, h, e]`` in the router's unit order."""
