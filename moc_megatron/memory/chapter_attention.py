@@ -78,6 +78,10 @@ def chapter_attention(
     if gating not in ("paper", "mixture"):
         raise ValueError(f"unknown gating {gating!r}")
     impl = resolve_impl(impl, query)
+    if impl == "blocked" and not need_lse and gating == "paper" and _fits_one_block(query, keys, selected):
+        # The whole read is one bounded block (sequence routing: a few long units): one fused
+        # scaled_dot_product_attention over it, which is itself a blocked online softmax.
+        impl = "gather"
     if impl != "gather":
         if impl == "blocked":
             from moc_megatron.kernels.blocked import blocked_chapter_attention as fused
@@ -86,6 +90,15 @@ def chapter_attention(
         out, lse = fused(query, keys, values, selected, weights, gating, softmax_scale)
         return out, (lse if need_lse else None)
     return _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse)
+
+
+def _fits_one_block(query: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor) -> bool:
+    """Whether every unit's selected keys and values, copied once, stay within the blocked path's copy budget."""
+    from moc_megatron.kernels.blocked import ONE_BLOCK_COPY_ELEMENTS
+
+    n, k = selected.shape
+    copy = 2 * n * k * keys.shape[1] * keys.shape[2] * keys.shape[3]
+    return copy <= ONE_BLOCK_COPY_ELEMENTS and bool((selected >= 0).all())
 
 
 def _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse):
