@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="timed forward+backward calls after the measured first one")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--allow-huge", action="store_true", help="run gather even where its copies pass 6 GiB")
+    p.add_argument("--scope", default="layer", choices=["layer", "read"],
+                   help="layer: the whole memory layer (router, K/V projection of the chapters with traffic, read, "
+                        "W_O); read: chapter_attention alone, given the queries and the K/V of the chapters with "
+                        "traffic (as the layer's local read calls it)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -91,10 +95,41 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _read_step(spec: dict, device, dtype):
+    """``chapter_attention`` alone: every unit reads chapter 0 (shared) and ``top_k`` random routed chapters."""
+    import torch
+
+    from moc_megatron.memory.chapter_attention import chapter_attention
+
+    tokens = spec["batch"] * spec["seq"]
+    u = {"sequence": spec["seq"], "chunk": spec["chunk_size"], "token": 1}[spec["unit"]]
+    n, h, t = tokens // u, spec["heads"], spec["chapter_size"]
+    e = spec["hidden"] // h
+    gen = torch.Generator().manual_seed(0)
+    routed = torch.rand(n, spec["chapters"] - 1, generator=gen).topk(spec["top_k"], dim=-1).indices + 1
+    chosen = torch.cat([torch.zeros(n, 1, dtype=torch.long), routed], dim=1)
+    used, selected = torch.unique(chosen, return_inverse=True)
+    q = torch.randn(n, u, h, e, generator=gen).to(device, dtype).requires_grad_(True)
+    keys = torch.randn(used.numel(), t, h, e, generator=gen).to(device, dtype).requires_grad_(True)
+    values = torch.randn(used.numel(), t, h, e, generator=gen).to(device, dtype).requires_grad_(True)
+    weights = torch.softmax(torch.randn(n, spec["top_k"] + 1, generator=gen), -1).to(device, dtype).requires_grad_(True)
+    selected = selected.to(device)
+    probe = torch.randn(q.shape, generator=gen).to(device, dtype)
+
+    def step() -> None:
+        for x in (q, keys, values, weights):
+            x.grad = None
+        out, _ = chapter_attention(q, keys, values, selected, weights, "paper", e ** -0.5, need_lse=False,
+                                   impl=spec["impl"])
+        (out * probe).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
 def run_child(spec: dict) -> dict:
     """One implementation on one case: peak memory of the first forward+backward, then timed repetitions."""
-    import gc
-
     import torch
 
     from moc_megatron.config import MoCConfig
@@ -106,6 +141,8 @@ def run_child(spec: dict) -> dict:
     initialize_distributed()
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
+    if spec.get("scope") == "read":
+        return _measure(_read_step(spec, device, dtype), device, spec["iters"])
     config = MoCConfig(
         num_layers=1, hidden_size=spec["hidden"], num_attention_heads=spec["heads"], moc_memory_layers=[0],
         moc_num_chapters=spec["chapters"], moc_chapter_size=spec["chapter_size"], moc_num_shared_chapters=1,
@@ -129,6 +166,15 @@ def run_child(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return _measure(step, device, spec["iters"])
+
+
+def _measure(step, device, iters: int) -> dict:
+    """Peak memory of the first ``step()`` above what exists before it, and the median time of ``iters`` more."""
+    import gc
+
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,7 +192,7 @@ def run_child(spec: dict) -> dict:
     first = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024) - before
     times = []
-    for _ in range(spec["iters"]):
+    for _ in range(iters):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -173,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 spec = dict(case, impl=impl, device=args.device, dtype=args.dtype, hidden=args.hidden,
                             heads=args.heads, chapter_size=args.chapter_size, chunk_size=args.chunk_size,
-                            iters=args.iters, threads=args.threads)
+                            iters=args.iters, threads=args.threads, scope=args.scope)
                 proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                       text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
                 result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -187,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"\ntorch {torch.__version__}, {args.device}, {args.dtype}, hidden {args.hidden}, {args.heads} heads, "
-          f"chapters of {args.chapter_size}, chunk {args.chunk_size}, {args.iters} timed iterations")
+          f"chapters of {args.chapter_size}, chunk {args.chunk_size}, {args.iters} timed iterations, "
+          f"scope {args.scope}, {args.threads or 'default'} threads")
     print("| case | impl | peak memory (MB) | time fwd+bwd (s, median) | attention TFLOP/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
