@@ -186,7 +186,8 @@ class TritonChapterAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, values, selected, weights, gating, scale, chapter_major):
         q = query.contiguous()
-        keys_c, values_c = keys.contiguous(), values.contiguous()
+        # tl.dot needs one operand dtype (e.g. bf16 queries under autocast with fp32 keys).
+        keys_c, values_c = keys.to(query.dtype).contiguous(), values.to(query.dtype).contiguous()
         sel = selected.contiguous()
         w = (weights.float() * (sel >= 0)).contiguous()
         if keys_c.shape[0] == 0:  # nothing here: every slot is empty
