@@ -65,6 +65,28 @@ def test_block_sizes_respect_the_budget():
         assert nb * kb * per_pair <= max(budget, per_pair)
 
 
+def test_blocked_never_gathers_more_than_one_block(monkeypatch):
+    """Forward and backward gather at most one budget's worth of (unit, chapter) pairs at a time."""
+    from moc_megatron.kernels import blocked
+
+    case = CASES["token-gqa"]
+    budget = 3000
+    per_pair = case.t * (2 * case.g * case.e + 2 * case.h * case.u)
+    seen = []
+    original = blocked._Block.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        nb, kb = self.shape[:2]
+        seen.append(nb * kb)
+
+    monkeypatch.setattr(blocked._Block, "__init__", spy)
+    inputs = make_inputs(case)
+    forward_backward(functools.partial(blocked_chapter_attention, block_elements=budget), inputs, "paper")
+    assert len(seen) > 2 and max(seen) * per_pair <= budget
+    assert sum(seen) == 2 * case.n * case.k  # every (unit, slot) pair once in forward, once in backward
+
+
 @needs_interpreter
 @pytest.mark.parametrize("schedule", ["unit", "chapter"])
 @pytest.mark.parametrize("gating", ["paper", "mixture"])
