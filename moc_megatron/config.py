@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 RoutingUnit = Literal["sequence", "chunk", "token"]
 Gating = Literal["paper", "mixture"]
+AttentionImpl = Literal["auto", "triton", "blocked", "gather"]
 
 
 @dataclass
@@ -54,6 +55,11 @@ class MoCConfig(TransformerConfig):
 
     moc_gating: Gating = "paper"
     """``paper``: weighted memory tokens in one softmax; ``mixture``: one softmax per chapter."""
+
+    moc_attention_impl: AttentionImpl = "auto"
+    """Chapter attention: ``auto`` (Triton on a GPU, blocked on a CPU), ``triton`` (fused kernel), ``blocked``
+    (memory-bounded PyTorch: online softmax over blocks of chapters, recomputing backward) or ``gather``
+    (the reference: copies every unit's k*T keys and values)."""
 
     moc_routed_scaling_factor: float = 2.5
     """Multiplier of the routed chapters' router weights before renormalisation (paper gating)."""
@@ -156,5 +162,9 @@ class MoCConfig(TransformerConfig):
             raise ValueError(f"moc_routing_unit must be sequence, chunk or token, not {self.moc_routing_unit!r}")
         if self.moc_gating not in ("paper", "mixture"):
             raise ValueError(f"moc_gating must be paper or mixture, not {self.moc_gating!r}")
+        if self.moc_attention_impl not in ("auto", "triton", "blocked", "gather"):
+            raise ValueError(
+                f"moc_attention_impl must be auto, triton, blocked or gather, not {self.moc_attention_impl!r}"
+            )
         if self.moc_routing_unit == "chunk" and self.moc_chunk_size < 1:
             raise ValueError("moc_chunk_size must be positive")

@@ -12,6 +12,14 @@ from types import ModuleType
 
 import pytest
 
+# The Triton kernels run under Triton's interpreter on a CPU; the variable must be set before anything
+# imports triton. With a GPU the kernels compile for real (tests/gpu/).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Texts that a lossless tokenizer must give back exactly.

@@ -6,7 +6,38 @@ Pure tensor math: no process groups. Shapes use ``n`` routing units of ``u`` que
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+IMPLEMENTATIONS = ("auto", "triton", "blocked", "gather")
+"""Values of ``impl`` (and of ``--moc-attention-impl``)."""
+
+
+def resolve_impl(impl: str, query: torch.Tensor) -> str:
+    """The implementation ``impl`` stands for on ``query``'s device: ``auto`` is Triton on a GPU, blocked on a CPU.
+
+    ``auto`` falls back to ``blocked`` on a GPU when Triton does not import or the dtype is not
+    fp32/fp16/bf16 (the kernel's inputs); an explicit ``triton`` raises instead.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"chapter attention impl must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
+    if impl == "triton":
+        from moc_megatron.kernels import triton_available
+
+        if not triton_available():
+            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs Triton installed")
+        if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs a CUDA GPU "
+                               "(or TRITON_INTERPRET=1, for tests); use auto or blocked on a CPU")
+    if impl != "auto":
+        return impl
+    if query.is_cuda and query.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from moc_megatron.kernels import triton_available
+
+        if triton_available():
+            return "triton"
+    return "blocked"
 
 
 def chapter_attention(
@@ -18,6 +49,7 @@ def chapter_attention(
     gating: str,
     softmax_scale: float,
     need_lse: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attend every unit's queries to its selected chapters.
 
@@ -31,14 +63,46 @@ def chapter_attention(
             spans all selected tokens; ``mixture``: one softmax per chapter, outputs summed with the
             weights.
         need_lse: ``False`` when this is the whole read (no partials to merge) and every ``selected``
-            index is valid: paper gating then runs one fused ``scaled_dot_product_attention`` (its own
-            softmax and backward, no log-sum-exp) and returns ``(out, None)``.
+            index is valid: paper gating then returns ``(out, None)`` (``gather`` runs one fused
+            ``scaled_dot_product_attention``, with its own softmax and backward).
+        impl: ``gather`` (the reference: copies every unit's k*T keys/values, then dense attention),
+            ``blocked`` (:mod:`moc_megatron.kernels.blocked`: blocked online softmax, bounded memory),
+            ``triton`` (:mod:`moc_megatron.kernels.triton_chapter_attention`: the fused kernel) or
+            ``auto`` (see :func:`resolve_impl`). All give the same numbers to rounding.
 
     Returns:
         ``(out [n, u, h, e], lse [n, u, h])`` for ``paper`` (``out`` normalised over the tokens
         here, ``lse`` their log-sum-exp, ``-inf`` where nothing is selected), or ``(out, None)`` for
         ``mixture`` (partial outputs add up).
     """
+    if gating not in ("paper", "mixture"):
+        raise ValueError(f"unknown gating {gating!r}")
+    impl = resolve_impl(impl, query)
+    if impl == "blocked" and not need_lse and gating == "paper" and _fits_one_block(query, keys, selected):
+        # The whole read is one bounded block (sequence routing: a few long units): one fused
+        # scaled_dot_product_attention over it, which is itself a blocked online softmax.
+        impl = "gather"
+    if impl != "gather":
+        if impl == "blocked":
+            from moc_megatron.kernels.blocked import blocked_chapter_attention as fused
+        else:
+            from moc_megatron.kernels.triton_chapter_attention import triton_chapter_attention as fused
+        out, lse = fused(query, keys, values, selected, weights, gating, softmax_scale)
+        return out, (lse if need_lse else None)
+    return _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse)
+
+
+def _fits_one_block(query: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor) -> bool:
+    """Whether every unit's selected keys and values, copied once, stay within the blocked path's copy budget."""
+    from moc_megatron.kernels.blocked import ONE_BLOCK_COPY_ELEMENTS
+
+    n, k = selected.shape
+    copy = 2 * n * k * keys.shape[1] * keys.shape[2] * keys.shape[3]
+    return copy <= ONE_BLOCK_COPY_ELEMENTS and bool((selected >= 0).all())
+
+
+def _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse):
+    """The reference: every unit's selected keys/values copied out with ``index_select``, then dense math."""
     n, u, h, e = query.shape
     k = selected.shape[1]
     t, g = keys.shape[1], keys.shape[2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -17,6 +18,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.memory.aux_losses import attach_router_losses
@@ -24,6 +26,24 @@ from moc_megatron.memory.bank import MemoryBank
 from moc_megatron.memory.chapter_attention import chapter_attention
 from moc_megatron.memory.dispatcher import ChapterDispatcher
 from moc_megatron.memory.router import ChapterRouter, chapter_weights, pool_routing_units
+from moc_megatron.model.norm import MemoryRMSNorm
+
+
+@dataclass
+class MoCMemorySubmodules:
+    """The memory read's linears and norms, as megatron's ``SelfAttentionSubmodules`` for attention.
+
+    Defaults are the local spec (megatron's tensor-parallel linears, torch's RMSNorm); the Transformer Engine
+    spec (:func:`moc_megatron.model.layer_specs.te_memory_submodules`) gives TE's, so FP8 under megatron's fp8
+    context covers the memory projections. Either way the checkpoint keys are the same.
+    """
+
+    linear_q: ModuleSpec | type = ColumnParallelLinear
+    linear_k: ModuleSpec | type = ColumnParallelLinear
+    linear_v: ModuleSpec | type = ColumnParallelLinear
+    linear_o: ModuleSpec | type = RowParallelLinear
+    shared_norm: ModuleSpec | type = MemoryRMSNorm
+    routed_norm: ModuleSpec | type = MemoryRMSNorm
 
 
 def expert_parallel_layout() -> tuple[int, int, object]:
@@ -50,8 +70,10 @@ class MoCMemoryAttention(MegatronModule):
     :meth:`set_shared_bank`.
     """
 
-    def __init__(self, config: MoCConfig, layer_number: int, **kwargs) -> None:
+    def __init__(self, config: MoCConfig, layer_number: int, submodules: MoCMemorySubmodules | None = None,
+                 **kwargs) -> None:
         super().__init__(config=config)
+        submodules = MoCMemorySubmodules() if submodules is None else submodules
         self.layer_number = layer_number
         tp = _tensor_parallel_size()
         self.num_heads = config.moc_num_heads // tp
@@ -62,22 +84,32 @@ class MoCMemoryAttention(MegatronModule):
         # gather along dim 0 under sequence parallelism.
         plain = copy.copy(config)
         plain.sequence_parallel = False
-        linear = dict(config=plain, init_method=config.init_method, bias=False, gather_output=False)
-        self.linear_q = ColumnParallelLinear(config.hidden_size, config.moc_num_heads * self.head_dim, **linear)
+        linear = dict(config=plain, init_method=config.init_method, bias=False, gather_output=False,
+                      skip_bias_add=False, is_expert=False)
+        q_width = config.moc_num_heads * self.head_dim
         kv_width = config.moc_num_query_groups * self.head_dim
-        self.linear_k = ColumnParallelLinear(config.moc_bank_dim, kv_width, **linear)
-        self.linear_v = ColumnParallelLinear(config.moc_bank_dim, kv_width, **linear)
-        self.linear_o = RowParallelLinear(
-            config.moc_num_heads * self.head_dim,
+        self.linear_q = build_module(submodules.linear_q, config.hidden_size, q_width, **linear,
+                                     tp_comm_buffer_name="moc_q")
+        self.linear_k = build_module(submodules.linear_k, config.moc_bank_dim, kv_width, **linear,
+                                     tp_comm_buffer_name="moc_k")
+        self.linear_v = build_module(submodules.linear_v, config.moc_bank_dim, kv_width, **linear,
+                                     tp_comm_buffer_name="moc_v")
+        self.linear_o = build_module(
+            submodules.linear_o,
+            q_width,
             config.hidden_size,
             config=config,
             init_method=torch.nn.init.zeros_,
             bias=False,
             input_is_parallel=True,
             skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="moc_o",
         )
-        self.shared_norm = torch.nn.RMSNorm(config.moc_bank_dim, eps=config.layernorm_epsilon)
-        self.routed_norm = torch.nn.RMSNorm(config.moc_bank_dim, eps=config.layernorm_epsilon)
+        self.shared_norm = build_module(submodules.shared_norm, config=config, hidden_size=config.moc_bank_dim,
+                                        eps=config.layernorm_epsilon)
+        self.routed_norm = build_module(submodules.routed_norm, config=config, hidden_size=config.moc_bank_dim,
+                                        eps=config.layernorm_epsilon)
         self.router = ChapterRouter(config)
         ep_rank, ep_size, ep_group = expert_parallel_layout()
         self.own_bank = None if config.moc_shared_bank else MemoryBank(config, ep_rank, ep_size)
@@ -121,7 +153,7 @@ class MoCMemoryAttention(MegatronModule):
             sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
             keys, values, selected = self._routed_keys_values(sent.local_chapters)
             routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
-                                       self.softmax_scale)
+                                       self.softmax_scale, impl=cfg.moc_attention_impl)
             shared = self._shared_partial(query, shared_w)
             out = self.dispatcher.combine(*routed, extra=shared)
         out = self._from_units(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
@@ -153,7 +185,7 @@ class MoCMemoryAttention(MegatronModule):
         weights = copy_to_tensor_model_parallel_region(weights)
         keys, values = self._project(tokens)
         out, _ = chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
-                                   self.softmax_scale, need_lse=False)
+                                   self.softmax_scale, need_lse=False, impl=self.config.moc_attention_impl)
         return out
 
     def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +217,7 @@ class MoCMemoryAttention(MegatronModule):
         keys, values = self._project(self.shared_norm(self.bank.shared))
         selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
         return chapter_attention(query, keys, values, selected, shared_w, self.config.moc_gating,
-                                 self.softmax_scale)
+                                 self.softmax_scale, impl=self.config.moc_attention_impl)
 
     def _to_units(self, x: torch.Tensor) -> torch.Tensor:
         """``[s, b, h, e]`` -> ``[units, unit_len, h, e]`` in the router's unit order."""

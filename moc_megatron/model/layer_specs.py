@@ -24,9 +24,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from moc_megatron.config import MoCConfig
-from moc_megatron.memory.memory_attention import MoCMemoryAttention
+from moc_megatron.memory.memory_attention import MoCMemoryAttention, MoCMemorySubmodules
 from moc_megatron.model.core_attention import SDPACoreAttention
-from moc_megatron.model.norm import LocalNorm
+from moc_megatron.model.norm import LocalNorm, MemoryRMSNorm, TEMemoryRMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -78,8 +78,24 @@ def te_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
+def local_memory_submodules() -> MoCMemorySubmodules:
+    """The memory read from megatron-core's tensor-parallel linears and torch's RMSNorm."""
+    return MoCMemorySubmodules(linear_q=ColumnParallelLinear, linear_k=ColumnParallelLinear,
+                               linear_v=ColumnParallelLinear, linear_o=RowParallelLinear,
+                               shared_norm=MemoryRMSNorm, routed_norm=MemoryRMSNorm)
+
+
+def te_memory_submodules() -> MoCMemorySubmodules:
+    """The memory read from Transformer Engine's linears and RMSNorm (FP8 under megatron's fp8 context)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+    return MoCMemorySubmodules(linear_q=TEColumnParallelLinear, linear_k=TEColumnParallelLinear,
+                               linear_v=TEColumnParallelLinear, linear_o=TERowParallelLinear,
+                               shared_norm=TEMemoryRMSNorm, routed_norm=TEMemoryRMSNorm)
+
+
 def memory_layer_spec(base: ModuleSpec, use_te: bool) -> ModuleSpec:
-    """``base`` with the MoC memory read in its cross-attention slot."""
+    """``base`` with the MoC memory read (TE or local submodules) in its cross-attention slot."""
     spec = copy.deepcopy(base)
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
@@ -88,7 +104,8 @@ def memory_layer_spec(base: ModuleSpec, use_te: bool) -> ModuleSpec:
     else:
         norm = LocalNorm
     spec.submodules.pre_cross_attn_layernorm = norm
-    spec.submodules.cross_attention = MoCMemoryAttention
+    submodules = te_memory_submodules() if use_te else local_memory_submodules()
+    spec.submodules.cross_attention = ModuleSpec(module=MoCMemoryAttention, submodules=submodules)
     spec.submodules.cross_attn_bda = get_bias_dropout_add
     return spec
 
