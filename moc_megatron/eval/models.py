@@ -159,6 +159,6 @@ def load_hf(folder: str, tokenizer_type: str | None = None, tokenizer_model: str
                                       "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     model.eval()
     return EvalModel(model, tokenizer, "hf", tokenizer.vocab_size, dict(folder=folder))

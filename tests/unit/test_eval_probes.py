@@ -3,6 +3,7 @@ the multiple-choice rank ignores candidate order; dense and MoC checkpoints load
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -254,3 +255,42 @@ def test_tool_writes_json_and_rejects_bad_input(checkpoints, sp_model, run_tool,
     assert "no latest_checkpointed_iteration.txt" in capsys.readouterr().err
     assert run_tool("evaluate_probes", "--load", checkpoints / "moc", "--probes", probe_file,
                     "--max-candidates", "1", *common) == 2
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not (_have("transformers") and _have("moc_megatron.hf.export")),
+                    reason="needs transformers and the Hugging Face export (moc_megatron.hf.export)")
+def test_hf_backend_matches_megatron(checkpoints, sp_model, tmp_path):
+    """--hf (transformers' AutoModelForCausalLM on an exported folder) scores as --load does."""
+    from moc_megatron.hf import export
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from moc_megatron.eval.models import load_hf
+
+    folder = tmp_path / "tok"  # a 512-entry placeholder HF tokenizer for the export; scoring uses sp_model
+    folder.mkdir()
+    vocab = {f"w{i}": i for i in range(511)} | {"<|endoftext|>": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    out = tmp_path / "hf"
+    export.export_checkpoint(export.ExportOptions(load=str(checkpoints / "moc"), output=str(out),
+                                                  tokenizer_model=str(folder), tokenizer_type="HuggingFaceTokenizer"),
+                             log=lambda *a, **k: None)
+    hf = load_hf(str(out), "SentencePieceTokenizer", sp_model)
+    mg = load_megatron(str(checkpoints / "moc"), tokenizer_type="SentencePieceTokenizer", tokenizer_model=sp_model)
+    tokens = torch.randint(0, 512, (3, 9))
+    torch.testing.assert_close(hf.logits(tokens), mg.logits(tokens), rtol=1e-4, atol=1e-4)
+    probes = [Probe(id=str(i), prompt=f"The colour of person {i} is", completion=c, attribute="colour")
+              for i, c in enumerate([" red", " blue", " green"])]
+    cands = candidate_sets(probes, attribute_values(probes))
+    a, b = score_probes(hf, hf.tokenizer, probes, cands), score_probes(mg, mg.tokenizer, probes, cands)
+    assert [o.rank for o in a.outcomes] == [o.rank for o in b.outcomes]
+    assert [o.generated for o in a.outcomes] == [o.generated for o in b.outcomes]
