@@ -268,10 +268,10 @@ def _have(module: str) -> bool:
                     reason="needs transformers and the Hugging Face export (moc_megatron.hf.export)")
 def test_hf_backend_matches_megatron(checkpoints, sp_model, tmp_path):
     """--hf (transformers' AutoModelForCausalLM on an exported folder) scores as --load does."""
-    from moc_megatron.hf import export
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from moc_megatron.eval.models import load_hf
+    from moc_megatron.hf import export
 
     folder = tmp_path / "tok"  # a 512-entry placeholder HF tokenizer for the export; scoring uses sp_model
     folder.mkdir()
