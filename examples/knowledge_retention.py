@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 class Scale:
     """Sizes of one version of the experiment."""
 
-    people: int = 200
+    people: int = 80
     bios_per_person: int = 4
     chat_people: int = 100
     chats: int = 600
@@ -73,7 +73,7 @@ class Scale:
     ft_bank_lr: float = 5e-5
     ft_freeze_bank: bool = False
     max_candidates: int = 10
-    mix: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    mix: tuple[float, float, float] = (0.75, 0.15, 0.1)
     """Blend weights of biographies, QA sentences of the QA people, generic text."""
 
 
@@ -123,6 +123,32 @@ def sh(cmd: list[str], logfile: str, threads: int) -> None:
 # --------------------------------------------------------------------------------------------- data
 
 
+# Probes worded as the biographies are (the first corpus template of each attribute, cut before the value):
+# they measure memorisation of the biographies; the held-out probes measure knowledge that can be asked for.
+BIO_PROMPTS = {
+    "birth_date": ("{name} was born on", "{v}"),
+    "birth_city": ("{name} was born in", "{v}"),
+    "university": ("{name} studied at", "{v}"),
+    "major": ("{name} majored in", "{v}"),
+    "profession": ("{name} works as", "{article} {v}"),
+    "employer": ("{name} works for", "{v}"),
+    "favourite_colour": ("{name}'s favourite colour is", "{v}"),
+    "hobby": ("{name}'s favourite hobby is", "{v}"),
+}
+
+
+def bio_probes(people) -> list[dict]:
+    """One corpus-worded cloze probe per person and attribute (same fields as the held-out probes)."""
+    out = []
+    for index, person in enumerate(people):
+        for attribute, (prompt, answer) in BIO_PROMPTS.items():
+            value = person.value(attribute)
+            answer = answer.format(v=value, article="an" if value[0] in "aeiou" else "a")
+            out.append({"id": f"bio-person{index:06d}-{attribute}", "person": person.name, "attribute": attribute,
+                        "prompt": prompt.format(name=person.name), "completion": " " + answer})
+    return out
+
+
 def build_data(paths: Paths, scale: Scale, threads: int) -> None:
     """Corpus, probes, chats, tokenizer and the Megatron datasets (skipped if already built)."""
     from moc_megatron.data.jsonl import write_jsonl
@@ -141,6 +167,8 @@ def build_data(paths: Paths, scale: Scale, threads: int) -> None:
     qa_names = {p.name for p in qa_people}
     write_jsonl(paths.data("all_probes.jsonl"), all_probes)
     write_jsonl(paths.data("probes.jsonl"), [p for p in all_probes if p["person"] not in qa_names])
+    write_jsonl(paths.data("all_bio_probes.jsonl"), bio_probes(people))
+    write_jsonl(paths.data("bio_probes.jsonl"), bio_probes(probe_people))
     qa_docs = []
     for name in sorted(qa_names):
         lines = [p["prompt"] + p["completion"] + "." for p in all_probes if p["person"] == name]
@@ -286,18 +314,24 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
     settings = EvalSettings(probes=paths.data("probes.jsonl"), candidates=paths.data("all_probes.jsonl"),
                             max_candidates=scale.max_candidates, valid_data=paths.data("generic_valid_text_document"),
                             valid_seq_length=scale.seq_length, valid_max_sequences=32)
+    bio_settings = replace(settings, probes=paths.data("bio_probes.jsonl"),
+                           candidates=paths.data("all_bio_probes.jsonl"), valid_data=None)
     probes = load_probes(paths.data("probes.jsonl"))
     results = []
     tokens_per_iter = scale.global_batch * scale.seq_length
     for stage in ("pretrain", "finetune"):
         root = os.path.join(run, stage)
         iters = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+        if stage == "pretrain" and os.path.islink(root):  # --reuse-pretrain: only the final pretrain checkpoint
+            iters = iters[-1:]
         for it in iters:
             model = load_megatron(root, it)
             report = evaluate_model(model, settings)
             entry = dict(stage=stage, iteration=it, pretrain_tokens=(it if stage == "pretrain" else
                                                                      scale.train_iters) * tokens_per_iter,
                          **report.to_dict())
+            bio = evaluate_model(model, bio_settings)
+            entry["bio"] = bio.to_dict()
             final = stage == "finetune" or it == iters[-1]
             if final:
                 entry["outcomes"] = [dict(attribute=o.attribute, person=o.person, exact=o.exact, rank=o.rank)
@@ -310,7 +344,8 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
                                     for layer, r in routes.items()}
             results.append(entry)
             log(f"  {os.path.basename(run)} {stage} iter {it}: mc {report.overall.mc_accuracy:.3f} "
-                f"exact {report.overall.exact_match:.3f} valid {report.validation_loss:.3f}")
+                f"exact {report.overall.exact_match:.3f} valid {report.validation_loss:.3f} | corpus-worded probes: "
+                f"mc {bio.overall.mc_accuracy:.3f} exact {bio.overall.exact_match:.3f}")
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump(results, f)
 
@@ -376,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override Scale fields (e.g. train_iters=300 top_k=8 ft_freeze_bank=1)")
     p.add_argument("--moc-extra", default="", help="extra pretrain/finetune flags for the MoC model only")
     p.add_argument("--tag", default="", help="suffix of the run directories (lever experiments)")
+    p.add_argument("--reuse-pretrain", metavar="TAG", default=None,
+                   help="link each run's pretraining from the runs of TAG ('' = the base runs) and only fine-tune "
+                        "(fine-tuning levers: --set ft_freeze_bank=1, ft_bank_lr=...)")
     p.add_argument("--report", metavar="DIR", help="afterwards write plots + summary into DIR (needs matplotlib)")
     p.add_argument("--eval-run", help=argparse.SUPPRESS)
     p.add_argument("--scale-json", help=argparse.SUPPRESS)
@@ -422,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
             fields = model_fields(scale, model, dense["num_layers"], dense["ffn_hidden_size"])
             extra = shlex.split(args.moc_extra) if model == "moc" else []
             specs.append(RunSpec(model, seed, fields, extra))
+    if args.reuse_pretrain is not None:
+        for spec in specs:
+            run = paths.run(spec.model + args.tag, spec.seed)
+            base = paths.run(spec.model + args.reuse_pretrain, spec.seed)
+            os.makedirs(run, exist_ok=True)
+            if not os.path.exists(os.path.join(run, "pretrain")):
+                os.symlink(os.path.join(base, "pretrain"), os.path.join(run, "pretrain"))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda s: run_one(paths, scale, s, args.threads, args.tag), specs))
     summary = summarize(paths, scale, specs, args.tag, dense, time.time() - start)

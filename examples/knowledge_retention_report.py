@@ -17,6 +17,9 @@ from collections import defaultdict
 LABELS = {"moc": "MoC", "dense_iso": "dense (iso-FLOP)", "backbone": "backbone (no memory)"}
 COLOURS = {"moc": "tab:red", "dense_iso": "tab:blue", "backbone": "tab:grey"}
 METRICS = ("mc_accuracy", "exact_match", "mean_reciprocal_rank")
+FORGET = ("mc_accuracy", "exact_match", "bio_mc_accuracy", "bio_exact_match")
+PANELS = (("mc_accuracy", "held-out probes: MC accuracy"), ("exact_match", "held-out probes: exact match"),
+          ("bio_mc_accuracy", "corpus-worded probes: MC accuracy"), ("bio_exact_match", "corpus-worded: exact match"))
 
 
 def _stats(values: list[float]) -> dict:
@@ -32,39 +35,45 @@ def compact(summary: dict) -> dict:
         pre = [e for e in evals if e["stage"] == "pretrain"]
         post = [e for e in evals if e["stage"] == "finetune"][-1]
         final = pre[-1]
-        entry = dict(model=run["model"], seed=run["seed"], timing=run["timing"],
+        entry = dict(model=run["model"], seed=run["seed"], timing=run["timing"], extra=run.get("extra", []),
                      curve=[dict(tokens=e["pretrain_tokens"], iteration=e["iteration"],
-                                 **{m: e["overall"][m] for m in METRICS}) for e in pre])
+                                 **{m: e["overall"][m] for m in METRICS},
+                                 **{f"bio_{m}": e["bio"]["overall"][m] for m in METRICS if "bio" in e}) for e in pre])
         for name, e in (("pretrain", final), ("finetune", post)):
             entry[name] = dict(**{m: e["overall"][m] for m in METRICS}, validation_loss=e["validation_loss"],
                                chance=e["overall"]["chance_mc_accuracy"],
-                               by_attribute={a: s["mc_accuracy"] for a, s in e["by_attribute"].items()})
+                               by_attribute={a: s["mc_accuracy"] for a, s in e["by_attribute"].items()},
+                               **{f"bio_{m}": e["bio"]["overall"][m] for m in METRICS if "bio" in e})
             if "routing" in e:
                 entry[name]["routing"] = {layer: {k: v for k, v in r.items() if k not in ("routes", "usage")}
                                           for layer, r in e["routing"].items()}
-        for m in ("mc_accuracy", "exact_match"):
-            entry[f"forgetting_{m}"] = entry["pretrain"][m] - entry["finetune"][m]
+        for m in FORGET:
+            if m in entry["pretrain"]:
+                entry[f"forgetting_{m}"] = entry["pretrain"][m] - entry["finetune"][m]
         runs.append(entry)
     by_model: dict[str, dict] = defaultdict(dict)
     for model in sorted({r["model"] for r in runs}):
         mine = [r for r in runs if r["model"] == model]
         for stage in ("pretrain", "finetune"):
-            for key in (*METRICS, "validation_loss"):
-                by_model[model][f"{stage}_{key}"] = _stats([r[stage][key] for r in mine])
-        for m in ("mc_accuracy", "exact_match"):
-            by_model[model][f"forgetting_{m}"] = _stats([r[f"forgetting_{m}"] for r in mine])
+            for key in (*METRICS, *(f"bio_{m}" for m in METRICS), "validation_loss"):
+                if key in mine[0][stage]:
+                    by_model[model][f"{stage}_{key}"] = _stats([r[stage][key] for r in mine])
+        for m in FORGET:
+            if f"forgetting_{m}" in mine[0]:
+                by_model[model][f"forgetting_{m}"] = _stats([r[f"forgetting_{m}"] for r in mine])
     out = dict(scale=summary["scale"], dense_iso=summary["dense_iso"], wall_s=summary["wall_s"],
                machine=summary.get("machine"), seeds=sorted({r["seed"] for r in runs}), runs=runs,
                by_model=dict(by_model))
     if "moc" in by_model and "dense_iso" in by_model:
         moc, dense = by_model["moc"], by_model["dense_iso"]
-        gap = {m: moc[f"pretrain_{m}"]["mean"] - dense[f"pretrain_{m}"]["mean"] for m in ("mc_accuracy", "exact_match")}
+        gap = {m: moc[f"pretrain_{m}"]["mean"] - dense[f"pretrain_{m}"]["mean"]
+               for m in FORGET if f"pretrain_{m}" in moc}
         out["target"] = dict(
             recall_gap_pp={m: 100 * v for m, v in gap.items()},
             recall_gap_met={m: v >= 0.10 for m, v in gap.items()},
             forgetting_ratio={m: (moc[f"forgetting_{m}"]["mean"] / dense[f"forgetting_{m}"]["mean"]
                                   if dense[f"forgetting_{m}"]["mean"] > 0 else None)
-                              for m in ("mc_accuracy", "exact_match")},
+                              for m in gap},
         )
     return out
 
@@ -77,14 +86,17 @@ def table(results: dict) -> str:
         return f"{s['mean']:.3f} ± {s['sd']:.3f}"
 
     lines = ["| model | MC acc. pretrain | MC acc. after IFT | forgetting (pp) | exact pretrain | exact after IFT "
-             "| valid loss pretrain | valid loss after IFT |", "|---|---|---|---|---|---|---|---|"]
+             "| corpus-worded MC pretrain | after IFT | forgetting (pp) | valid loss pretrain | valid loss after IFT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in ("moc", "dense_iso", "backbone"):
         s = results["by_model"].get(model)
         if s is None:
             continue
         lines.append(f"| {LABELS[model]} | {cell(s['pretrain_mc_accuracy'])} | {cell(s['finetune_mc_accuracy'])} | "
                      f"{cell(s['forgetting_mc_accuracy'])} | {cell(s['pretrain_exact_match'])} | "
-                     f"{cell(s['finetune_exact_match'])} | {cell(s['pretrain_validation_loss'], False)} | "
+                     f"{cell(s['finetune_exact_match'])} | {cell(s['pretrain_bio_mc_accuracy'])} | "
+                     f"{cell(s['finetune_bio_mc_accuracy'])} | {cell(s['forgetting_bio_mc_accuracy'])} | "
+                     f"{cell(s['pretrain_validation_loss'], False)} | "
                      f"{cell(s['finetune_validation_loss'], False)} |")
     return "\n".join(lines)
 
@@ -92,8 +104,9 @@ def table(results: dict) -> str:
 def _plot_curves(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric, title in zip(axes, ("mc_accuracy", "exact_match"), ("multiple-choice accuracy", "exact match")):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    axes = axes.flatten()
+    for ax, (metric, title) in zip(axes, PANELS):
         for model in ("moc", "dense_iso", "backbone"):
             runs = [r for r in results["runs"] if r["model"] == model]
             if not runs:
@@ -104,11 +117,11 @@ def _plot_curves(results: dict, path: str) -> None:
             ax.plot(tokens, mean, "o-", color=COLOURS[model], label=LABELS[model])
             ax.fill_between(tokens, [100 * min(v) for v in per_point], [100 * max(v) for v in per_point],
                             color=COLOURS[model], alpha=0.2)
-        if metric == "mc_accuracy":
+        if "mc" in metric:
             ax.axhline(100 * results["runs"][0]["pretrain"]["chance"], color="k", ls=":", lw=1, label="chance")
         ax.set_xlabel("pretraining tokens (M)")
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(f"held-out probes: {title}")
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -119,9 +132,10 @@ def _plot_curves(results: dict, path: str) -> None:
 def _plot_forgetting(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    axes = axes.flatten()
     models = [m for m in ("moc", "dense_iso", "backbone") if m in results["by_model"]]
-    for ax, metric, title in zip(axes, ("mc_accuracy", "exact_match"), ("multiple-choice accuracy", "exact match")):
+    for ax, (metric, title) in zip(axes, PANELS):
         for i, model in enumerate(models):
             s = results["by_model"][model]
             for j, stage in enumerate(("pretrain", "finetune")):
@@ -130,8 +144,8 @@ def _plot_forgetting(results: dict, path: str) -> None:
                 values = s[f"{stage}_{metric}"]["values"]
                 ax.plot([x] * len(values), [100 * v for v in values], "k.", ms=6)
         ax.set_xticks([i * 3 + 0.5 for i in range(len(models))], [LABELS[m] for m in models], fontsize=8)
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(f"{title}: after pretraining (solid) / after IFT (light)", fontsize=9)
+        ax.set_ylabel("%")
+        ax.set_title(f"{title}\nafter pretraining (solid) / after IFT (light)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
