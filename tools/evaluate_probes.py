@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-model", default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-candidates draw")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the results as JSON to FILE ('-': to stdout, and the table to stderr)")
     parser.add_argument("--outcomes", action="store_true", help="include every probe's outcome in the JSON")
     return parser
 
@@ -93,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointLoadError, ProbeFileError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(report, f"{model.backend} model {args.load or args.hf} {model.info.get('iteration', '')}"))
+    title = f"{model.backend} model {args.load or args.hf} {model.info.get('iteration', '')}"
+    # With --json - stdout carries only the JSON; the table goes to stderr.
+    print(format_report(report, title), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         payload = {"model": model.info, "backend": model.backend, "probes": args.probes,
                    **report.to_dict(with_outcomes=args.outcomes)}
