@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Quick start on a CPU, from a fresh clone: set up, build a corpus that needs no download, train a
 # tokenizer, preprocess to Megatron .bin/.idx, pretrain moc-tiny for a few minutes, save a checkpoint,
-# export it to a Hugging Face folder and generate from it with plain transformers.
+# instruction-tune it, export it to a Hugging Face folder, generate with plain transformers, run lm-eval.
 #
 #   bash examples/quickstart.sh            # everything goes under ./runs/quickstart
-#   TRAIN_ITERS=300 bash examples/quickstart.sh
+#   TRAIN_ITERS=300 FT_ITERS=100 bash examples/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,14 +13,16 @@ export PYTHONWARNINGS=ignore
 
 RUN=${RUN:-runs/quickstart}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
+FT_ITERS=${FT_ITERS:-40}
 DATA=$RUN/data
 mkdir -p "$DATA"
 
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/8 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
-[ -f "$DATA/bios.jsonl" ] || python tools/make_synthetic_corpus.py --output "$DATA/bios.jsonl" \
-    --num-people 2000 --bios-per-person 3 --seed 1234
+[ -f "$DATA/bios.jsonl" ] && [ -f "$DATA/chat.jsonl" ] || python tools/make_synthetic_corpus.py \
+    --output "$DATA/bios.jsonl" --probes-output "$DATA/probes.jsonl" --chat-output "$DATA/chat.jsonl" \
+    --num-people 2000 --bios-per-person 3 --num-chats 1000 --seed 1234
 [ -f "$DATA/pydocs.jsonl" ] || python tools/make_text_corpus.py --output "$DATA/pydocs.jsonl"
 
 step "2/8 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
@@ -33,6 +35,8 @@ for name in bios pydocs; do
       --output-prefix "$DATA/$name" --tokenizer-type SentencePieceTokenizer \
       --tokenizer-model "$DATA/tokenizer.model" --append-eod --workers 2
 done
+[ -f "$DATA/chat_tokens.idx" ] || python tools/preprocess_sft.py --input "$DATA/chat.jsonl" --output-prefix "$DATA/chat" \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" --pack-length 256 --workers 2
 
 step "4/8 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
 PRETRAIN=(python pretrain_moc.py --preset moc-tiny
@@ -46,12 +50,21 @@ PRETRAIN=(python pretrain_moc.py --preset moc-tiny
     --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard")
 "${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS"
 
-step "5/8 export to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
+step "5/8 instruction-tune it on synthetic chats ($FT_ITERS iterations; memory and bank at lower learning rates)"
+rm -rf "$RUN/sft"
+python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoints" \
+    --sft-data-path "$DATA/chat" --split 98,2,0 --seq-length 256 \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
+    --micro-batch-size 4 --global-batch-size 8 --train-iters "$FT_ITERS" \
+    --lr 3e-4 --min-lr 3e-5 --moc-memory-lr 1.5e-4 --moc-bank-lr 5e-5 --lr-decay-style cosine --lr-warmup-fraction 0.1 \
+    --log-interval 10 --eval-interval "$FT_ITERS" --eval-iters 5 --save "$RUN/sft" --save-interval "$FT_ITERS"
+
+step "6/8 export the tuned model to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
 rm -rf "$RUN/hf"
-python tools/convert_checkpoint.py export --load "$RUN/checkpoints" --output "$RUN/hf" \
+python tools/convert_checkpoint.py export --load "$RUN/sft" --output "$RUN/hf" \
     --tokenizer-model "$DATA/tokenizer.model"
 
-step "6/8 generate with plain transformers (this process does not import moc_megatron)"
+step "7/8 generate with plain transformers (this process does not import moc_megatron)"
 python - "$RUN/hf" <<'PY'
 import sys
 import torch
@@ -69,7 +82,7 @@ for prompt, ids in zip(prompts, out):
 assert "moc_megatron" not in sys.modules
 PY
 
-step "7/8 lm-evaluation-harness, offline, on a local 8-question task (needs: pip install -e '.[eval]')"
+step "8/8 lm-evaluation-harness, offline, on a local 8-question task (needs: pip install -e '.[eval]')"
 if python -c "import lm_eval" 2>/dev/null; then
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \
       --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
@@ -78,8 +91,8 @@ else
   echo "lm-eval is not installed: pip install -e '.[eval]', then run the lm_eval command of this step (docs/hf.md)"
 fi
 
-step "8/8 done"
-echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt"))"
+step "done"
+echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt")), tuned: $RUN/sft"
 echo "HF folder:   $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True); docs/hf.md)"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
 echo "go on (resumes at iteration $TRAIN_ITERS, keeps the checkpoint's LR schedule; . .venv/bin/activate first):"
