@@ -62,18 +62,10 @@ def resolve_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[str
     """``(path of iter_XXXXXXX, iteration)``: the given iteration, or the tracker's, or ``load_dir`` itself."""
     from moc_megatron.training import checkpoint_meta as meta
 
-    if os.path.isfile(os.path.join(load_dir, "common.pt")):  # an iter_XXXXXXX folder was given
-        base = os.path.basename(os.path.normpath(load_dir))
-        return load_dir, int(base[5:]) if base.startswith("iter_") and base[5:].isdigit() else 0
-    if iteration is None:
-        iteration = meta.read_tracker(load_dir)
-        if iteration is None:
-            raise CheckpointLoadError(f"--load {load_dir}: no {meta.TRACKER_FILENAME} and no common.pt; "
-                                      "give a pretrain_moc.py --save directory or one of its iter_XXXXXXX folders")
-    path = meta.checkpoint_path(load_dir, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointLoadError(f"--load {load_dir}: {path} does not exist")
-    return path, iteration
+    try:
+        return meta.resolve_existing(load_dir, iteration)
+    except meta.CheckpointNotFoundError as exc:
+        raise CheckpointLoadError(str(exc)) from exc
 
 
 def saved_training_args(path: str) -> tuple[argparse.Namespace, dict]:

@@ -23,17 +23,10 @@ class CheckpointReadError(RuntimeError):
 
 def resolve_checkpoint(load: str, iteration: int | None) -> str:
     """``{load}/iter_XXXXXXX`` of ``iteration`` (default: the tracker's), or ``load`` itself if it is one."""
-    if os.path.isfile(os.path.join(load, ".metadata")):
-        return load
-    if iteration is None:
-        iteration = meta.read_tracker(load)
-        if iteration is None:
-            raise CheckpointReadError(f"--load {load}: no {meta.TRACKER_FILENAME} and no .metadata (give --iteration "
-                                      "or a checkpoint folder)")
-    path = meta.checkpoint_path(load, iteration)
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise CheckpointReadError(f"{path}: no torch_dist checkpoint there (no .metadata)")
-    return path
+    try:
+        return meta.resolve_existing(load, iteration)[0]
+    except meta.CheckpointNotFoundError as exc:
+        raise CheckpointReadError(str(exc)) from exc
 
 
 class DistCheckpointReader:

@@ -88,6 +88,23 @@ def is_saved_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt"))
 
 
+def resolve_existing(load: str, iteration: int | None = None, flag: str = "--load") -> tuple[str, int]:
+    """``(checkpoint folder, iteration)`` of a checkpoint that must exist (export, evaluation).
+
+    ``iteration`` picks ``{load}/iter_XXXXXXX``; without it ``load`` resolves as :func:`resolve_load` does.
+    A missing or empty folder, or an incomplete save, raises :class:`CheckpointNotFoundError`.
+    """
+    if iteration is not None:
+        path = checkpoint_path(load, iteration)
+        if not is_saved_checkpoint(path):
+            raise CheckpointNotFoundError(f"{flag} {load} --iteration {iteration}: {path} is missing or incomplete")
+        return path, iteration
+    found = resolve_load(load, flag)
+    if found is None:
+        raise CheckpointNotFoundError(f"{flag} {load}: missing or empty, no checkpoint to read")
+    return found
+
+
 def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tuple[str, int] | None:
     """``(checkpoint folder, iteration)`` for ``--load``, or ``None`` to start from scratch.
 
