@@ -11,14 +11,15 @@ Same flags as pretrain_moc.py; see docs/training.md, "Instruction tuning".
 
 from __future__ import annotations
 
+from moc_megatron.training.config_from_args import build_run_config
 from moc_megatron.training.errors import run_entry_point
 from moc_megatron.training.finetune import finetune, parse_finetune_args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and finetune."""
-    args = parse_finetune_args(argv)
-    run_entry_point("finetune_moc.py", lambda: finetune(args))
+    run = build_run_config(parse_finetune_args(argv))
+    run_entry_point("finetune_moc.py", lambda: finetune(run))
 
 
 if __name__ == "__main__":  # dist_checkpointing's save starts a spawn-context process: keep this guard

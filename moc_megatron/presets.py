@@ -1,53 +1,83 @@
-"""Named model presets: the paper's three models (Table 5) and a CPU-sized one."""
+"""Named model presets: the paper's three models (Table 5) and a CPU-sized one.
+
+A preset is typed: :class:`Backbone` and :class:`Memory` carry ``MoCConfig`` field names (so
+:attr:`Preset.config` is their fields, plus the SwiGLU activation), and :class:`Preset` adds the
+model-level settings megatron keeps outside ``TransformerConfig``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch.nn.functional as F
 
-_PAPER_BACKBONE: dict[str, Any] = dict(
-    num_layers=16,
-    hidden_size=768,
-    num_attention_heads=12,
-    num_query_groups=4,
-    ffn_hidden_size=2304,
-    gated_linear_unit=True,
-    activation_func=F.silu,
-    normalization="RMSNorm",
-    add_bias_linear=False,
-)
+from moc_megatron.config import Gating, RoutingUnit
 
-_PAPER_MEMORY: dict[str, Any] = dict(
-    moc_memory_layers=[2, 6, 10, 14],
-    moc_num_chapters=4097,
-    moc_chapter_size=64,
-    moc_num_shared_chapters=1,
-    moc_top_k=64,
-    moc_num_heads=12,
-    moc_num_query_groups=12,
-    moc_routing_unit="sequence",
-    moc_gating="paper",
-    moc_routed_scaling_factor=2.5,
-    moc_shared_bank=True,
-)
+
+@dataclass(frozen=True)
+class Backbone:
+    """The transformer of a preset (``MoCConfig``/``TransformerConfig`` field names)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    gated_linear_unit: bool = True
+    """A gated MLP; the presets' gated MLPs are SwiGLU (``--swiglu``)."""
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    add_bias_linear: bool = False
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The Mixture-of-Chapters memory of a preset (``MoCConfig``'s ``moc_`` field names)."""
+
+    moc_memory_layers: tuple[int, ...]
+    moc_num_chapters: int
+    moc_chapter_size: int
+    moc_top_k: int
+    moc_num_heads: int
+    moc_num_query_groups: int
+    moc_num_shared_chapters: int = 1
+    moc_routing_unit: RoutingUnit = "sequence"
+    moc_gating: Gating = "paper"
+    moc_routed_scaling_factor: float = 2.5
+    moc_shared_bank: bool = True
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model: MoCConfig fields plus the model-level settings megatron keeps outside it."""
+    """A named model: its backbone, its memory (``None``: dense) and the model-level settings."""
 
     name: str
     description: str
-    config: dict[str, Any]
+    backbone: Backbone
+    memory: Memory | None
     vocab_size: int
     seq_length: int
     tie_embeddings: bool = True
     rotary_base: int = 10000
-    training: dict[str, Any] = field(default_factory=dict)
-    """Suggested training flags (argument name -> value) used when the user does not set them."""
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The ``MoCConfig`` keyword arguments of this preset (a new dict on every call)."""
+        fields = dataclasses.asdict(self.backbone)
+        if self.backbone.gated_linear_unit:
+            fields["activation_func"] = F.silu
+        if self.memory is not None:
+            memory = dataclasses.asdict(self.memory)
+            memory["moc_memory_layers"] = list(self.memory.moc_memory_layers)
+            fields.update(memory)
+        return fields
+
+
+_PAPER_BACKBONE = Backbone(num_layers=16, hidden_size=768, num_attention_heads=12, num_query_groups=4,
+                           ffn_hidden_size=2304)
+_PAPER_MEMORY = Memory(moc_memory_layers=(2, 6, 10, 14), moc_num_chapters=4097, moc_chapter_size=64,
+                       moc_top_k=64, moc_num_heads=12, moc_num_query_groups=12)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -55,7 +85,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="moc-paper",
             description="The paper's MoC model (Table 5): 16 layers, d=768, 4097x64-token bank, top-64.",
-            config={**_PAPER_BACKBONE, **_PAPER_MEMORY},
+            backbone=_PAPER_BACKBONE,
+            memory=_PAPER_MEMORY,
             vocab_size=49152,
             seq_length=1024,
             rotary_base=100000,
@@ -63,7 +94,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="dense-paper-backbone",
             description="The paper's backbone-only baseline: the MoC model without memory (16 layers).",
-            config=dict(_PAPER_BACKBONE),
+            backbone=_PAPER_BACKBONE,
+            memory=None,
             vocab_size=49152,
             seq_length=1024,
             rotary_base=100000,
@@ -71,7 +103,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="dense-paper-iso",
             description="The paper's iso-FLOP dense baseline (24 layers).",
-            config={**_PAPER_BACKBONE, "num_layers": 24},
+            backbone=dataclasses.replace(_PAPER_BACKBONE, num_layers=24),
+            memory=None,
             vocab_size=49152,
             seq_length=1024,
             rotary_base=100000,
@@ -79,28 +112,10 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="moc-tiny",
             description="A small MoC model that trains in minutes on a CPU (quick start, tests).",
-            config=dict(
-                num_layers=4,
-                hidden_size=128,
-                num_attention_heads=4,
-                num_query_groups=2,
-                ffn_hidden_size=384,
-                gated_linear_unit=True,
-                activation_func=F.silu,
-                normalization="RMSNorm",
-                add_bias_linear=False,
-                moc_memory_layers=[1, 3],
-                moc_num_chapters=65,
-                moc_chapter_size=16,
-                moc_num_shared_chapters=1,
-                moc_top_k=4,
-                moc_num_heads=4,
-                moc_num_query_groups=4,
-                moc_routing_unit="sequence",
-                moc_gating="paper",
-                moc_routed_scaling_factor=2.5,
-                moc_shared_bank=True,
-            ),
+            backbone=Backbone(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=384),
+            memory=Memory(moc_memory_layers=(1, 3), moc_num_chapters=65, moc_chapter_size=16, moc_top_k=4,
+                          moc_num_heads=4, moc_num_query_groups=4),
             vocab_size=4096,
             seq_length=256,
         ),

@@ -281,18 +281,20 @@ def save_weights_checkpoint(models: dict, args, config, settings, path: str,
 
     from moc_megatron.training import checkpoint_meta as meta
     from moc_megatron.training import checkpointing
+    from moc_megatron.training.config_from_args import json_args
 
     state = {
         **models,
         "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
         "iteration": 0,
         "train_state": {"consumed_train_samples": 0},
-        "args": checkpointing._json_args(args),
+        "args": json_args(args),
         "model_signature": meta.model_signature(config, settings),
         "parallel_layout": dict(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                                 dp=1, ep=args.expert_model_parallel_size,
                                 vpp=args.virtual_pipeline_model_parallel_size),
-        "optimizer_metadata": checkpointing._optimizer_metadata(args),
+        "optimizer_metadata": checkpointing.optimizer_metadata(args.use_distributed_optimizer,
+                                                               args.dist_ckpt_optim_fully_reshardable),
         "saved_optimizer": False,
         "saved_rng": False,
     }

@@ -15,9 +15,10 @@ from moc_megatron.platform.device import (
     dist_backend,
     get_device,
     init_platform,
-    pipeline_config_overrides,
+    pin_memory,
     transformer_config_overrides,
     using_gpu,
+    weights_on_cpu,
 )
 from moc_megatron.platform.distributed import (
     destroy_distributed,
@@ -32,7 +33,8 @@ __all__ = [
     "init_platform",
     "initialize_distributed",
     "model_parallel_manual_seed",
-    "pipeline_config_overrides",
+    "pin_memory",
     "transformer_config_overrides",
     "using_gpu",
+    "weights_on_cpu",
 ]

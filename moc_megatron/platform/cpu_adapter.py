@@ -51,10 +51,11 @@ def check_megatron_core_version(version: str | None = None) -> bool:
     if not _version_warned:
         _version_warned = True
         message = (
-            f"moc_megatron.platform.cpu_adapter was written for megatron-core "
-            f"{WRITTEN_FOR_MEGATRON_CORE}.x but megatron-core {version} is installed: the CPU "
-            "adaptations may miss or break CUDA-only code paths. Run tests/unit/test_platform.py and "
-            "tests/distributed/test_platform_distributed.py and update moc_megatron/platform/cpu_adapter.py."
+            f"moc_megatron.platform (cpu_adapter.py, optimizer_state.py) was written for megatron-core "
+            f"{WRITTEN_FOR_MEGATRON_CORE}.x but megatron-core {version} is installed: the CPU and "
+            "optimizer-checkpoint adaptations may miss or break code paths. Run tests/unit/test_platform.py, "
+            "tests/distributed/test_platform_distributed.py and the checkpoint tests, and update "
+            "moc_megatron/platform/."
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         logger.warning(message)

@@ -69,5 +69,12 @@ def transformer_config_overrides() -> dict[str, object]:
     }
 
 
-# Earlier name of transformer_config_overrides (moc_megatron/training/config_from_args.py uses it).
-pipeline_config_overrides = transformer_config_overrides
+def weights_on_cpu(requested: bool) -> bool:
+    """``TransformerConfig.use_cpu_initialization``: as ``requested`` (``--use-cpu-initialization``) on a
+    GPU; always on a CPU, where the weights live."""
+    return requested or not using_gpu()
+
+
+def pin_memory() -> bool:
+    """Whether data loaders pin host memory: only when batches go to a GPU."""
+    return using_gpu()

@@ -257,7 +257,7 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
     defaults: dict[str, Any] = {}
     for key, value in preset.config.items():
         if key == "gated_linear_unit":
-            defaults["swiglu"] = bool(value)  # the presets' gated MLPs are SwiGLU (DESIGN.md section 2)
+            defaults["swiglu"] = bool(value)  # the presets' gated MLPs are SwiGLU (presets.Backbone)
         elif key == "activation_func":
             continue  # SiLU is what --swiglu selects
         elif key == "layernorm_epsilon":
@@ -270,7 +270,6 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
         untie_embeddings_and_output_weights=not preset.tie_embeddings,
         rotary_base=preset.rotary_base,
     )
-    defaults.update(preset.training)
     unknown = sorted(set(defaults) - dests)
     if unknown:
         raise ArgumentsError(f"preset {preset.name!r} sets {unknown}, which no command-line flag takes")

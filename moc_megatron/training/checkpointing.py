@@ -2,10 +2,11 @@
 
 A checkpoint holds the model (``model``, or ``model0``, ``model1``, ... per virtual stage), the optimizer,
 the LR scheduler, every rank's RNG states, the iteration, the data position (``consumed_train_samples``),
-the parsed arguments and the model signature. Model weights are stored as global tensors, so they load
-at any TP/PP/EP layout; a checkpoint whose model differs from the flags is refused with the list of
-flags that disagree. See :mod:`moc_megatron.training.checkpoint_meta` for the layout and the crash-safe
-publication of a save.
+the parsed arguments (:attr:`RunConfig.saved_args`) and the model signature. Model weights are stored as
+global tensors, so they load at any TP/PP/EP layout; a checkpoint whose model differs from the flags is
+refused with the list of flags that disagree. See :mod:`moc_megatron.training.checkpoint_meta` for the
+layout and the crash-safe publication of a save. The optimizer-state adaptations to megatron-core
+without TE/Apex live in :mod:`moc_megatron.platform.optimizer_state`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import argparse
 import os
 import random
 import shutil
-import types
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,10 +36,13 @@ from moc_megatron.data.tokenizer_record import (
     record_from_checkpoint_state,
 )
 from moc_megatron.model.builder import ModelSettings
+from moc_megatron.platform import optimizer_state
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError  # noqa: F401 (re-export)
+from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
+from moc_megatron.training.run_config import CheckpointConfig, RunConfig, ScheduleConfig
 from moc_megatron.training.save_queue import install_save_results_queue
 
 CHECKPOINT_VERSION = 3.0
@@ -59,12 +63,17 @@ def parallel_layout() -> dict[str, int | None]:
     )
 
 
-def _optimizer_metadata(args: argparse.Namespace) -> dict:
+def optimizer_metadata(use_distributed_optimizer: bool, fully_reshardable: bool) -> dict:
+    """megatron's optimizer ``sharded_state_dict`` metadata (stored with the checkpoint, compared on load)."""
     metadata = {"chained_optim_avoid_prefix": True}
-    if args.use_distributed_optimizer:
-        fully = args.dist_ckpt_optim_fully_reshardable
-        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully else "dp_reshardable"
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     return metadata
+
+
+def _optimizer_metadata(run: RunConfig) -> dict:
+    return optimizer_metadata(run.parallel.use_distributed_optimizer,
+                              run.checkpointing.dist_ckpt_optim_fully_reshardable)
 
 
 def _rng_state() -> dict:
@@ -103,58 +112,54 @@ def _model_keys(model: list[torch.nn.Module]) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
-def _json_args(args: argparse.Namespace) -> dict:
-    simple = (str, int, float, bool, type(None))
-    return {k: v for k, v in vars(args).items()
-            if isinstance(v, simple) or (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v))}
-
-
 def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None,
-                scheduler: OptimizerParamScheduler | None, with_rng: bool, args: argparse.Namespace,
+                scheduler: OptimizerParamScheduler | None, with_rng: bool, run: RunConfig,
                 is_loading: bool) -> dict:
     state: dict = {}
     for key, chunk in zip(_model_keys(model), model):
         state[key] = unwrap_model(chunk).sharded_state_dict()
     if optimizer is not None:
-        if args.use_distributed_optimizer:
-            _allow_empty_distributed_optimizers(optimizer)
+        if run.parallel.use_distributed_optimizer:
+            optimizer_state.allow_empty_distributed_optimizers(optimizer)
             if is_loading:
-                _initialize_optimizer_state(optimizer)
+                optimizer_state.initialize_optimizer_state(optimizer)
         model_state = {k: state[k] for k in _model_keys(model)}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                          metadata=_optimizer_metadata(args))
+                                                          metadata=_optimizer_metadata(run))
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_sharded_object()
     return state
 
 
-def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.nn.Module],
+def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: list[torch.nn.Module],
                     optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
                     settings: ModelSettings, consumed_train_samples: int,
                     tokenizer_record: TokenizerRecord | None = None) -> str:
-    """Save to ``{args.save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path.
+    """Save to ``{--save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path.
 
     ``tokenizer_record`` (the run's tokenizer) is stored under ``"tokenizer"`` in the common state."""
-    root = args.save
+    run = as_run_config(run)
+    ckpt = run.checkpointing
+    root = ckpt.save
     staging = meta.staging_path(root, iteration)
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    state = _state_dict(model, None if args.no_save_optim else optimizer, scheduler, not args.no_save_rng,
-                        args, is_loading=False)
+    state = _state_dict(model, None if ckpt.no_save_optim else optimizer, scheduler, not ckpt.no_save_rng,
+                        run, is_loading=False)
     state.update(
         checkpoint_version=CHECKPOINT_VERSION,
         iteration=iteration,
         train_state={"consumed_train_samples": consumed_train_samples},
-        args=_json_args(args),
+        args=dict(run.saved_args),
         model_signature=meta.model_signature(config, settings),
         parallel_layout=parallel_layout(),
-        optimizer_metadata=_optimizer_metadata(args),
-        saved_optimizer=not args.no_save_optim,
-        saved_rng=not args.no_save_rng,
+        optimizer_metadata=_optimizer_metadata(run),
+        saved_optimizer=not ckpt.no_save_optim,
+        saved_rng=not ckpt.no_save_rng,
     )
     if tokenizer_record is not None:
         state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
@@ -169,78 +174,21 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list[torch.
     return final
 
 
-def _initialize_optimizer_state(optimizer: MegatronOptimizer) -> None:
-    """Give a fresh torch Adam state (``step`` included) to every parameter before a distributed-
-    optimizer load: without TE/Apex megatron's ``DistributedOptimizer.state_dict`` needs one common step."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] = torch.tensor(0.0)
-
-
-def _empty_optimizer_state_dict(self) -> dict:
-    """``DistributedOptimizer.state_dict`` for a rank whose optimizer holds no parameter."""
-    inner = self.optimizer.state_dict()
-    state = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
-    for group in state["optimizer"]["param_groups"]:
-        del group["params"]
-        group["step"] = 0  # no parameter has a step; megatron needs one common value
-    if self.grad_scaler:
-        state["grad_scaler"] = self.grad_scaler.state_dict()
-    return state
-
-
-def _allow_empty_distributed_optimizers(optimizer: MegatronOptimizer) -> None:
-    """Let a distributed optimizer without parameters on this rank be checkpointed.
-
-    Without TE/Apex megatron's ``DistributedOptimizer.state_dict`` reads the Adam step from the
-    parameters' state and asserts there is exactly one; a rank whose stage holds no bank still has the
-    (empty) expert-parameter optimizer, because megatron aligns param groups across ranks.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if isinstance(sub, DistributedOptimizer) and inner is not None and \
-                not any(group["params"] for group in inner.param_groups):
-            sub.state_dict = types.MethodType(_empty_optimizer_state_dict, sub)
-
-
-def _restore_distributed_optimizer_steps(optimizer: MegatronOptimizer, loaded: dict) -> None:
-    """megatron 0.16.1 copies the load template's per-parameter ``step`` over the loaded one; take it
-    from the loaded param groups instead."""
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
-    for sub, part in zip(subs, parts):
-        groups = part.get("optimizer", {}).get("param_groups", [])
-        steps = [g["step"] for g in groups if g.get("step") is not None]
-        if steps and getattr(sub, "optimizer", None) is not None:
-            for state in sub.optimizer.state.values():
-                state["step"] = torch.tensor(float(steps[0]))
-
-
 def _same_folder(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def resolve_load_arg(args: argparse.Namespace) -> tuple[str, int] | None:
+def resolve_load_arg(ckpt: CheckpointConfig) -> tuple[str, int] | None:
     """``(checkpoint folder, iteration)`` that ``--load`` names, or ``None`` to start from scratch.
 
     See :func:`checkpoint_meta.resolve_load`; ``--exit-on-missing-checkpoint`` turns "nothing to load"
     into an error.
     """
-    if args.load is None:
+    if ckpt.load is None:
         return None
-    found = meta.resolve_load(args.load, own_save=_same_folder(args.load, args.save))
-    if found is None and args.exit_on_missing_checkpoint:
-        raise CheckpointNotFoundError(f"--load {args.load}: no checkpoint (--exit-on-missing-checkpoint)")
+    found = meta.resolve_load(ckpt.load, own_save=_same_folder(ckpt.load, ckpt.save))
+    if found is None and ckpt.exit_on_missing_checkpoint:
+        raise CheckpointNotFoundError(f"--load {ckpt.load}: no checkpoint (--exit-on-missing-checkpoint)")
     return found
 
 
@@ -254,19 +202,20 @@ _SCHEDULER_FLAGS = {
 _SCHEDULER_STEPS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")  # in samples: iters x global batch
 
 
-def _reconcile_scheduler(args: argparse.Namespace, scheduler: OptimizerParamScheduler, saved: dict,
-                         path: str) -> None:
+def _reconcile_scheduler(schedule: ScheduleConfig, scheduler: OptimizerParamScheduler, saved: dict,
+                         path: str) -> int | None:
     """Turn megatron's scheduler assertion into a one-line message naming the flags.
 
     The one mismatch that is no mistake: extending a run with a larger ``--train-iters`` while
     ``--lr-decay-iters`` (and a ``--lr-warmup-fraction`` warmup) was left to default from it. Then the
-    checkpoint's schedule is kept, as if ``--lr-decay-iters`` had been given, and a note says so.
+    checkpoint's schedule is kept, as if ``--lr-decay-iters`` had been given, and a note says so; the
+    adopted ``--lr-decay-iters`` is returned (``None`` when the flags' schedule stands).
     """
-    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
-        return
-    gbs = args.global_batch_size
-    derived = {"lr_decay_steps", "wd_incr_steps"} if getattr(args, "lr_decay_iters_derived", False) else set()
-    if derived and args.lr_warmup_fraction is not None:
+    if schedule.override_opt_param_scheduler or schedule.use_checkpoint_opt_param_scheduler:
+        return None
+    gbs = schedule.global_batch_size
+    derived = {"lr_decay_steps", "wd_incr_steps"} if schedule.lr_decay_iters_derived else set()
+    if derived and schedule.lr_warmup_fraction is not None:
         derived.add("lr_warmup_steps")
     diffs, adopted = [], []
     for name, flag in _SCHEDULER_FLAGS.items():
@@ -284,27 +233,55 @@ def _reconcile_scheduler(args: argparse.Namespace, scheduler: OptimizerParamSche
         raise CheckpointMismatchError(
             f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values, or "
             "--override-opt_param-scheduler to use this run's, or --use-checkpoint-opt_param-scheduler")
-    if adopted:
-        args.lr_decay_iters = scheduler.lr_decay_steps // gbs
-        print_rank_0(f" > resuming the checkpoint's LR schedule ({', '.join(dict.fromkeys(adopted))}); "
-                     "to re-plan it for the new --train-iters add --override-opt_param-scheduler")
+    if not adopted:
+        return None
+    print_rank_0(f" > resuming the checkpoint's LR schedule ({', '.join(dict.fromkeys(adopted))}); "
+                 "to re-plan it for the new --train-iters add --override-opt_param-scheduler")
+    return scheduler.lr_decay_steps // gbs
 
 
-def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
-                    scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
-                    tokenizer_record: TokenizerRecord | None = None) -> tuple[int, int]:
-    """Resume from ``args.load`` (collective); return ``(iteration, consumed_train_samples)``.
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """Where a (possibly absent) checkpoint puts the run: iteration, data position, and the run's
+    configuration (with the checkpoint's ``--lr-decay-iters`` when a resume adopted its schedule)."""
 
-    ``(0, 0)`` when there is nothing to load (see :func:`resolve_load_arg`). ``--finetune`` loads only the
-    weights and starts at 0; ``--no-load-optim``/``--no-load-rng`` skip those parts. RNG states are skipped
-    (with a note) when the checkpoint was saved at a different parallel layout. A checkpoint whose stored
-    tokenizer differs from ``tokenizer_record`` raises ``TokenizerMismatchError``.
+    iteration: int
+    consumed_train_samples: int
+    run: RunConfig
+
+
+def load_checkpoint(run: RunConfig | argparse.Namespace, model: list[torch.nn.Module],
+                    optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
+                    settings: ModelSettings, tokenizer_record: TokenizerRecord | None = None) -> tuple[int, int]:
+    """Resume from ``--load`` (collective); return ``(iteration, consumed_train_samples)``.
+
+    :func:`load_training_state` for callers that need no updated configuration; given the parsed flags,
+    an adopted ``--lr-decay-iters`` is written back to them (as the flags of the resumed run).
     """
-    found = resolve_load_arg(args)
+    loaded = load_training_state(as_run_config(run), model, optimizer, scheduler, config, settings,
+                                 tokenizer_record)
+    if isinstance(run, argparse.Namespace):
+        run.lr_decay_iters = loaded.run.schedule.lr_decay_iters
+    return loaded.iteration, loaded.consumed_train_samples
+
+
+def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                        scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
+                        tokenizer_record: TokenizerRecord | None = None) -> LoadedCheckpoint:
+    """Resume from ``--load`` (collective).
+
+    Iteration and position ``(0, 0)`` when there is nothing to load (see :func:`resolve_load_arg`).
+    ``--finetune`` loads only the weights and starts at 0; ``--no-load-optim``/``--no-load-rng`` skip those
+    parts. RNG states are skipped (with a note) when the checkpoint was saved at a different parallel
+    layout. A checkpoint whose stored tokenizer differs from ``tokenizer_record`` raises
+    ``TokenizerMismatchError``.
+    """
+    ckpt = run.checkpointing
+    found = resolve_load_arg(ckpt)
     if found is None:
-        if args.load is not None:
-            print_rank_0(f" > no checkpoint in {args.load}: starting from scratch")
-        return 0, 0
+        if ckpt.load is not None:
+            print_rank_0(f" > no checkpoint in {ckpt.load}: starting from scratch")
+        return LoadedCheckpoint(0, 0, run)
     path, iteration = found
     common = dist_checkpointing.load_common_state_dict(path)
     mismatches = meta.signature_mismatches(common["model_signature"], meta.model_signature(config, settings))
@@ -312,27 +289,27 @@ def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], opti
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved for a different model; these settings disagree:\n" + "\n".join(mismatches))
     if tokenizer_record is not None:
-        check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {args.tokenizer_model}",
+        check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {run.data.tokenizer_model}",
                              record_from_checkpoint_state(common), f"checkpoint {path}")
-    load_optim = common.get("saved_optimizer", False) and not (args.no_load_optim or args.finetune)
+    load_optim = common.get("saved_optimizer", False) and not (ckpt.no_load_optim or ckpt.finetune)
     same_layout = common.get("parallel_layout") == parallel_layout()
-    load_rng = common.get("saved_rng", False) and same_layout and not (args.no_load_rng or args.finetune)
-    if common.get("saved_rng") and not same_layout and not (args.no_load_rng or args.finetune):
+    load_rng = common.get("saved_rng", False) and same_layout and not (ckpt.no_load_rng or ckpt.finetune)
+    if common.get("saved_rng") and not same_layout and not (ckpt.no_load_rng or ckpt.finetune):
         print_rank_0(f" checkpoint parallel layout {common.get('parallel_layout')} differs from this run's "
                      f"{parallel_layout()}: RNG states not restored")
-    if load_optim and common.get("optimizer_metadata") != _optimizer_metadata(args):
+    if load_optim and common.get("optimizer_metadata") != _optimizer_metadata(run):
         raise CheckpointMismatchError(
             f"checkpoint {path} stored its optimizer as {common.get('optimizer_metadata')} but this run uses "
-            f"{_optimizer_metadata(args)} (--use-distributed-optimizer / --dist-ckpt-optim-fully-reshardable); "
+            f"{_optimizer_metadata(run)} (--use-distributed-optimizer / --dist-ckpt-optim-fully-reshardable); "
             "give the same flags or --no-load-optim")
     saved_layout = {k: v for k, v in (common.get("parallel_layout") or {}).items() if k != "dp"}
     this_layout = {k: v for k, v in parallel_layout().items() if k != "dp"}
-    sharding = _optimizer_metadata(args).get("distrib_optim_sharding_type")
+    sharding = _optimizer_metadata(run).get("distrib_optim_sharding_type")
     if load_optim and sharding == "dp_reshardable" and saved_layout != this_layout:
         raise CheckpointMismatchError(
             f"checkpoint {path} holds distributed-optimizer state for layout {saved_layout}, which loads only at "
             f"the same TP/PP/EP/VPP sizes (this run: {this_layout}); use that layout or --no-load-optim")
-    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, args, is_loading=True)
+    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, run, is_loading=True)
     with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
         warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
         loaded = dist_checkpointing.load(state, path)
@@ -341,19 +318,21 @@ def load_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module], opti
     if load_optim:
         with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's
             optimizer.load_state_dict(loaded["optimizer"])
-        if args.use_distributed_optimizer:
-            _restore_distributed_optimizer_steps(optimizer, loaded["optimizer"])
-        _reconcile_scheduler(args, scheduler, loaded["opt_param_scheduler"], path)
+        if run.parallel.use_distributed_optimizer:
+            optimizer_state.restore_distributed_optimizer_steps(optimizer, loaded["optimizer"])
+        adopted = _reconcile_scheduler(run.schedule, scheduler, loaded["opt_param_scheduler"], path)
+        if adopted is not None:
+            run = run.replace("schedule", lr_decay_iters=adopted)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()  # the fp32 main weights follow the loaded model weights
-        if not args.finetune:
+        if not ckpt.finetune:
             scheduler.step(increment=common["train_state"]["consumed_train_samples"])
     if load_rng:
         _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank()])
     dist.barrier()
-    if args.finetune:
+    if ckpt.finetune:
         print_rank_0(f" loaded weights from {path} (--finetune: starting at iteration 0)")
-        return 0, 0
+        return LoadedCheckpoint(0, 0, run)
     print_rank_0(f" loaded checkpoint {path} at iteration {iteration}")
-    return iteration, common["train_state"]["consumed_train_samples"]
+    return LoadedCheckpoint(iteration, common["train_state"]["consumed_train_samples"], run)

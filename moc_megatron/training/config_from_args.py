@@ -1,8 +1,17 @@
-"""Parsed arguments -> megatron-core configurations (``MoCConfig``, DDP, optimizer) and model settings."""
+"""Parsed arguments -> the typed :class:`RunConfig`, and megatron-core's configurations built from it.
+
+:func:`build_run_config` is the one place that reads the validated ``argparse.Namespace`` for training:
+each :class:`RunConfig` section takes the arguments of its field names, and the model configuration
+(:class:`MoCConfig`) is built from the flags as Megatron-LM's ``core_transformer_config_from_args``
+does. The ``*_from_args`` functions are for callers that hold flags, not a run (tools reading the
+flags a checkpoint saved, tests).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
 import warnings
 
 import torch
@@ -14,6 +23,7 @@ from moc_megatron import platform
 from moc_megatron.config import MoCConfig
 from moc_megatron.model.builder import ModelSettings, pad_vocab_size
 from moc_megatron.training.moc_flags import moc_config_kwargs
+from moc_megatron.training.run_config import SECTIONS, EmbeddingConfig, RunConfig
 
 # Flags whose argument name is the TransformerConfig field name.
 _SAME_NAME_FIELDS = (
@@ -24,23 +34,17 @@ _SAME_NAME_FIELDS = (
     "recompute_num_layers", "bf16",
 )
 
-# Flags whose argument name is the OptimizerConfig field name.
-_OPTIMIZER_FIELDS = (
-    "optimizer", "lr", "min_lr", "weight_decay", "bf16", "adam_beta1", "adam_beta2", "adam_eps", "sgd_momentum",
-    "use_distributed_optimizer", "clip_grad", "overlap_param_gather",
-)
 
-
-def params_dtype(args: argparse.Namespace) -> torch.dtype:
+def params_dtype(bf16: bool) -> torch.dtype:
     """Parameter dtype of the model: bf16 with ``--bf16``, fp32 otherwise."""
-    return torch.bfloat16 if args.bf16 else torch.float32
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def transformer_config_from_args(args: argparse.Namespace) -> MoCConfig:
     """The model configuration the flags describe (as Megatron-LM's ``core_transformer_config_from_args``)."""
     kwargs = {name: getattr(args, name) for name in _SAME_NAME_FIELDS}
     kwargs.update(moc_config_kwargs(args))
-    dtype = params_dtype(args)
+    dtype = params_dtype(args.bf16)
     kwargs.update(
         layernorm_epsilon=args.norm_epsilon,
         params_dtype=dtype,
@@ -52,12 +56,11 @@ def transformer_config_from_args(args: argparse.Namespace) -> MoCConfig:
         # with a gradient when the previous and next stage are the same rank (PP=2, interleaved) on gloo.
         # The unbatched path orders them by rank parity (and what Megatron-LM uses with overlapped p2p).
         batch_p2p_comm=False,
-        # Weights are created where they live; on a CPU that is the CPU.
-        use_cpu_initialization=args.use_cpu_initialization or platform.get_device().type == "cpu",
+        use_cpu_initialization=platform.weights_on_cpu(args.use_cpu_initialization),
     )
     if args.swiglu:
         kwargs.update(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False)
-    kwargs.update(platform.pipeline_config_overrides())
+    kwargs.update(platform.transformer_config_overrides())
     with warnings.catch_warnings():
         for message in _INAPPLICABLE_CONFIG_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
@@ -74,13 +77,43 @@ _INAPPLICABLE_CONFIG_WARNINGS = (
 )
 
 
-def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelConfig:
+def json_args(args: argparse.Namespace) -> dict:
+    """The flags' simple values (what checkpoints store under ``"args"``), in the namespace's order."""
+    simple = (str, int, float, bool, type(None))
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, simple) or (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v))}
+
+
+def _section(cls: type, args: argparse.Namespace):
+    """A :class:`RunConfig` section from the arguments of its field names (defaulted fields may be absent)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+        elif f.default is dataclasses.MISSING:
+            raise AttributeError(f"the parsed flags have no {f.name!r} (needed by {cls.__name__})")
+    return cls(**values)
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """The frozen :class:`RunConfig` of a parsed and validated command line (built once per run)."""
+    sections = {name: _section(cls, args) for name, cls in SECTIONS.items()}
+    return RunConfig(**sections, model=transformer_config_from_args(args), seed=args.seed,
+                     saved_args=types.MappingProxyType(json_args(args)))
+
+
+def as_run_config(run: RunConfig | argparse.Namespace) -> RunConfig:
+    """``run`` itself, or the :class:`RunConfig` of a parsed command line (for callers that hold flags)."""
+    return run if isinstance(run, RunConfig) else build_run_config(run)
+
+
+def ddp_config(run: RunConfig) -> DistributedDataParallelConfig:
     """megatron-core DDP settings (gradient buffers in fp32 under bf16, as Megatron-LM)."""
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        grad_reduce_in_fp32=run.optimizer.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=run.parallel.overlap_grad_reduce,
+        overlap_param_gather=run.parallel.overlap_param_gather,
+        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
         # NaN/Inf is checked on the loss before the optimizer step (nan_check.py, with the iteration and
         # --skip-nan-loss-iterations); megatron's own bucket check reports through its rerun state machine,
         # which asks for a CUDA device and knows no iteration of ours.
@@ -88,19 +121,45 @@ def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelCon
     )
 
 
-def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
+def ddp_config_from_args(args: argparse.Namespace) -> DistributedDataParallelConfig:
+    """:func:`ddp_config` of a parsed command line."""
+    return ddp_config(build_run_config(args))
+
+
+def optimizer_config(run: RunConfig) -> OptimizerConfig:
     """megatron-core optimizer settings (learning-rate groups are added by ``training/optimizer.py``)."""
-    kwargs = {name: getattr(args, name) for name in _OPTIMIZER_FIELDS}
-    kwargs.update(params_dtype=params_dtype(args), weight_decay=args.start_weight_decay)
-    return OptimizerConfig(**kwargs)
+    opt, schedule = run.optimizer, run.schedule
+    return OptimizerConfig(
+        optimizer=opt.optimizer, lr=schedule.lr, min_lr=schedule.min_lr, weight_decay=schedule.start_weight_decay,
+        bf16=opt.bf16, params_dtype=params_dtype(opt.bf16), adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps, sgd_momentum=opt.sgd_momentum, clip_grad=opt.clip_grad,
+        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
+        overlap_param_gather=run.parallel.overlap_param_gather,
+    )
+
+
+def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
+    """:func:`optimizer_config` of a parsed command line."""
+    return optimizer_config(build_run_config(args))
+
+
+def model_settings(embedding: EmbeddingConfig, vocab_size: int, tensor_model_parallel_size: int) -> ModelSettings:
+    """Vocabulary (padded as Megatron-LM does), length, tying, RoPE."""
+    return ModelSettings(
+        vocab_size=pad_vocab_size(vocab_size, embedding.make_vocab_size_divisible_by, tensor_model_parallel_size),
+        max_sequence_length=embedding.max_position_embeddings,
+        tie_embeddings=not embedding.untie_embeddings_and_output_weights,
+        rotary_base=embedding.rotary_base,
+    )
+
+
+def run_model_settings(run: RunConfig, tokenizer_vocab_size: int | None = None) -> ModelSettings:
+    """:func:`model_settings` of a run: the tokenizer's vocabulary, else ``--vocab-size``."""
+    vocab = tokenizer_vocab_size if tokenizer_vocab_size is not None else run.data.vocab_size
+    return model_settings(run.embedding, vocab, run.parallel.tensor_model_parallel_size)
 
 
 def model_settings_from_args(args: argparse.Namespace, tokenizer_vocab_size: int | None = None) -> ModelSettings:
-    """Vocabulary (the tokenizer's, else ``--vocab-size``, padded as Megatron-LM does), length, tying, RoPE."""
+    """:func:`model_settings` of a parsed command line (or of the flags a checkpoint saved)."""
     vocab = tokenizer_vocab_size if tokenizer_vocab_size is not None else args.vocab_size
-    return ModelSettings(
-        vocab_size=pad_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size),
-        max_sequence_length=args.max_position_embeddings,
-        tie_embeddings=not args.untie_embeddings_and_output_weights,
-        rotary_base=args.rotary_base,
-    )
+    return model_settings(_section(EmbeddingConfig, args), vocab, args.tensor_model_parallel_size)

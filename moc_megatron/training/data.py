@@ -25,6 +25,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from moc_megatron import platform
 from moc_megatron.data.dataset_check import check_indexed_dataset
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
+from moc_megatron.training.config_from_args import as_run_config
+from moc_megatron.training.run_config import DataConfig, RunConfig
 
 
 @dataclass
@@ -50,28 +52,28 @@ def dataset_tokenizer(tokenizer=None, vocab_size: int | None = None, name: str =
     return DatasetTokenizer(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, name)
 
 
-def data_prefixes(args: argparse.Namespace) -> list[str]:
-    """Every indexed-dataset prefix the flags read (``--data-path``, the per-split paths, ``--sft-data-path``)."""
+def data_prefixes(data: DataConfig) -> list[str]:
+    """Every indexed-dataset prefix the run reads (``--data-path``, the per-split paths, ``--sft-data-path``)."""
     prefixes: list[str] = []
-    for blend in [args.data_blend, *(args.data_blend_per_split or [])]:
+    for blend in [data.data_blend, *(data.data_blend_per_split or [])]:
         if blend is not None:
             prefixes += blend[0]
-    sft = getattr(args, "sft_data_path", None)
+    sft = data.sft_data_path
     if sft:
         prefixes += [f"{sft}_tokens", f"{sft}_loss_mask"]
     return list(dict.fromkeys(prefixes))
 
 
-def check_data_inputs(args: argparse.Namespace, tokenizer_record: TokenizerRecord | None) -> None:
+def check_data_inputs(data: DataConfig, tokenizer_record: TokenizerRecord | None) -> None:
     """Stop before training if a dataset is truncated/corrupt or was made with another tokenizer.
 
     Raises ``DatasetFileError`` or ``TokenizerMismatchError``, naming the file. A dataset without a
     tokenizer record (made before records existed) is not compared.
     """
-    for prefix in data_prefixes(args):
+    for prefix in data_prefixes(data):
         check_indexed_dataset(prefix)
         if tokenizer_record is not None:
-            check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {args.tokenizer_model}",
+            check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {data.tokenizer_model}",
                                  read_dataset_record(prefix), f"dataset {prefix}.idx")
 
 
@@ -110,55 +112,62 @@ def is_dataset_built_on_rank() -> bool:
     return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
 
 
-def dataset_config(args: argparse.Namespace, tokenizer) -> GPTDatasetConfig:
-    """megatron-core's GPT dataset configuration for these flags."""
+def dataset_config(data: DataConfig, seed: int, tokenizer) -> GPTDatasetConfig:
+    """megatron-core's GPT dataset configuration for the run's data."""
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=args.data_blend,
-        blend_per_split=args.data_blend_per_split,
-        split=args.split if args.data_blend is not None else None,
-        path_to_cache=args.data_cache_path,
+        random_seed=seed,
+        sequence_length=data.seq_length,
+        blend=data.data_blend,
+        blend_per_split=data.data_blend_per_split,
+        split=data.split if data.data_blend is not None else None,
+        path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,  # RoPE positions come from the sequence, not from position ids
         reset_attention_mask=False,
-        eod_mask_loss=args.eod_mask_loss,
+        eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,  # causal attention needs no explicit mask
     )
 
 
-def build_datasets(args: argparse.Namespace, tokenizer) -> tuple:
+def split_sizes(run: RunConfig) -> list[int]:
+    """Samples of the train/valid/test splits: ``--train-iters`` and ``--eval-iters`` global batches."""
+    gbs = run.schedule.global_batch_size
+    eval_samples = run.logging.eval_iters * gbs
+    return [run.schedule.train_iters * gbs, eval_samples, eval_samples]
+
+
+def build_datasets(run: RunConfig | argparse.Namespace, tokenizer) -> tuple:
     """``(train, valid, test)`` datasets (``None`` where a split is empty or this rank needs no data)."""
-    gbs = args.global_batch_size
-    eval_samples = args.eval_iters * gbs
-    sizes = [args.train_iters * gbs, eval_samples, eval_samples]
-    config = dataset_config(args, tokenizer)
+    run = as_run_config(run)
+    sizes = split_sizes(run)
+    config = dataset_config(run.data, run.seed, tokenizer)
     cls = MockGPTDataset if config.mock else GPTDataset
     return tuple(BlendedMegatronDatasetBuilder(cls, sizes, is_dataset_built_on_rank, config).build())
 
 
-def _loader(dataset, consumed_samples: int, args: argparse.Namespace) -> torch.utils.data.DataLoader:
+def _loader(dataset, consumed_samples: int, run: RunConfig) -> torch.utils.data.DataLoader:
     sampler = PretrainingSampler(
         total_samples=len(dataset),
         consumed_samples=consumed_samples,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=run.schedule.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
     )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=args.num_workers,
-        pin_memory=platform.get_device().type == "cuda", persistent_workers=False,
+        dataset, batch_sampler=sampler, num_workers=run.data.num_workers,
+        pin_memory=platform.pin_memory(), persistent_workers=False,
         # Its own generator: starting an iterator draws a seed, which must not move the global RNG
         # (dropout), or a resumed run would diverge from an uninterrupted one.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(run.seed),
     )
 
 
-def data_iterators(dataset, consumed_samples: int, args: argparse.Namespace, num_chunks: int) -> list:
+def data_iterators(dataset, consumed_samples: int, run: RunConfig | argparse.Namespace, num_chunks: int) -> list:
     """One iterator per model chunk (the interleaved schedule reads each chunk's own), or ``None``s."""
     if dataset is None:
         return [None] * num_chunks
-    return [iter(_loader(dataset, consumed_samples, args)) for _ in range(num_chunks)]
+    run = as_run_config(run)
+    return [iter(_loader(dataset, consumed_samples, run)) for _ in range(num_chunks)]
 
 
 def get_batch(data_iterator, pre_process: bool, post_process: bool) -> dict[str, torch.Tensor]:

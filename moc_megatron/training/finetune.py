@@ -1,6 +1,7 @@
 """Instruction tuning (SFT) of a pretrained MoC checkpoint: ``finetune_moc.py``.
 
-Reuses ``pretrain_moc.py``'s parser, validation, setup and loop (:func:`loop.pretrain`) and swaps in:
+Reuses ``pretrain_moc.py``'s parser, validation, :class:`RunConfig`, setup and loop (:func:`loop.pretrain`)
+and swaps in:
 
 - the data: ``--sft-data-path PREFIX`` (``tools/preprocess_sft.py`` output) read by :class:`SFTDataset`,
   split into train/valid/test over samples by ``--split`` and repeated (reshuffled per epoch) as needed;
@@ -16,6 +17,7 @@ import argparse
 import os
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,10 @@ from moc_megatron import platform
 from moc_megatron.data.sft_dataset import SFTDataset, packed_attention_mask
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.arguments import build_parser, parse_args
+from moc_megatron.training.config_from_args import as_run_config
+from moc_megatron.training.data import split_sizes
 from moc_megatron.training.logging import print_rank_0
+from moc_megatron.training.run_config import CheckpointConfig, RunConfig
 from moc_megatron.training.train_step import loss_func
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
 
@@ -59,7 +64,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
 
 
 def validate_finetune_args(args: argparse.Namespace) -> None:
-    """:func:`validate_args` with ``--sft-data-path`` as the data source."""
+    """:func:`validate_args` with ``--sft-data-path`` (checked here) as the data source."""
     if args.sft_data_path is None:
         raise ArgumentsError("finetune_moc.py needs --sft-data-path (the output prefix of tools/preprocess_sft.py)")
     other = [flag for flag, value in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
@@ -72,13 +77,7 @@ def validate_finetune_args(args: argparse.Namespace) -> None:
         raise ArgumentsError("--sft-data-path needs --tokenizer-type and --tokenizer-model (those of the data)")
     if args.pretrained_checkpoint is None and args.load is None:
         raise ArgumentsError("give --pretrained-checkpoint (or --load to resume a finetuning run)")
-    args.mock_data = True  # stands in for the SFT data during the shared checks only
-    try:
-        validate_args(args)
-    finally:
-        args.mock_data = False
-    args.data_blend = None
-    args.data_blend_per_split = None
+    validate_args(args, data_source_checked=True)
     sft_split(args.split, 1)  # the --split string parses
 
 
@@ -89,25 +88,37 @@ def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | Non
                       validate=validate_finetune_args)
 
 
-def resolve_start(args: argparse.Namespace) -> str:
-    """Point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``.
+def _start(ckpt: CheckpointConfig) -> tuple[str, dict[str, Any]]:
+    """``("resume", {})``, or ``("pretrained", the checkpointing changes that load those weights)``.
 
     ``--load`` resumes when it holds a checkpoint (a folder with a tracker, or an ``iter_*`` folder);
     ``--pretrained-checkpoint`` must hold one (either form). Raises ``CheckpointNotFoundError`` otherwise.
     """
-    own = args.save is not None and args.load is not None and \
-        os.path.realpath(args.save) == os.path.realpath(args.load)
-    if args.load is not None and meta.resolve_load(args.load, own_save=own) is not None:
-        return "resume"
-    if args.pretrained_checkpoint is None:
-        raise meta.CheckpointNotFoundError(f"--load {args.load}: no checkpoint, and no --pretrained-checkpoint")
-    if meta.resolve_load(args.pretrained_checkpoint, "--pretrained-checkpoint") is None:
+    own = ckpt.save is not None and ckpt.load is not None and \
+        os.path.realpath(ckpt.save) == os.path.realpath(ckpt.load)
+    if ckpt.load is not None and meta.resolve_load(ckpt.load, own_save=own) is not None:
+        return "resume", {}
+    if ckpt.pretrained_checkpoint is None:
+        raise meta.CheckpointNotFoundError(f"--load {ckpt.load}: no checkpoint, and no --pretrained-checkpoint")
+    if meta.resolve_load(ckpt.pretrained_checkpoint, "--pretrained-checkpoint") is None:
         raise meta.CheckpointNotFoundError(
-            f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there "
+            f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no checkpoint there "
             f"(give a pretrain_moc.py --save folder or one of its iter_* folders)")
-    args.load = args.pretrained_checkpoint
-    args.finetune = True
-    return "pretrained"
+    return "pretrained", {"load": ckpt.pretrained_checkpoint, "finetune": True}
+
+
+def start_run(run: RunConfig) -> tuple[str, RunConfig]:
+    """``"resume"`` or ``"pretrained"``, and the run pointed at what to load (``--load``, ``--finetune``)."""
+    start, changes = _start(run.checkpointing)
+    return start, run.replace("checkpointing", **changes) if changes else run
+
+
+def resolve_start(args: argparse.Namespace) -> str:
+    """:func:`start_run` on parsed flags: point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``."""
+    start, changes = _start(as_run_config(args).checkpointing)
+    for name, value in changes.items():
+        setattr(args, name, value)
+    return start
 
 
 def sft_split(split: str, num_samples: int) -> list[range]:
@@ -149,20 +160,20 @@ class RepeatedSplit(torch.utils.data.Dataset):
         return self.dataset[int(self._order(epoch)[pos])]
 
 
-def build_sft_datasets(args: argparse.Namespace, tokenizer=None) -> tuple:
+def build_sft_datasets(run: RunConfig | argparse.Namespace, tokenizer=None) -> tuple:
     """``(train, valid, test)`` over ``--sft-data-path`` (``None`` for an empty split).
 
     Built on every rank: middle pipeline stages need the segment ids for the attention mask.
     """
-    base = SFTDataset(args.sft_data_path, args.seq_length)
-    gbs = args.global_batch_size
-    sizes = [args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs]
+    run = as_run_config(run)
+    data = run.data
+    base = SFTDataset(data.sft_data_path, data.seq_length)
     out = []
-    for i, (indices, size) in enumerate(zip(sft_split(args.split, len(base)), sizes)):
+    for i, (indices, size) in enumerate(zip(sft_split(data.split, len(base)), split_sizes(run))):
         ok = len(indices) > 0 and size > 0
-        out.append(RepeatedSplit(base, indices, size, args.seed, shuffle=i == 0) if ok else None)
-    print_rank_0(f" > SFT data {args.sft_data_path}: {len(base)} samples, split "
-                 f"{[len(r) for r in sft_split(args.split, len(base))]} (train/valid/test)")
+        out.append(RepeatedSplit(base, indices, size, run.seed, shuffle=i == 0) if ok else None)
+    print_rank_0(f" > SFT data {data.sft_data_path}: {len(base)} samples, split "
+                 f"{[len(r) for r in sft_split(data.split, len(base))]} (train/valid/test)")
     return tuple(out)
 
 
@@ -206,16 +217,17 @@ def _print_first_rank(message: str) -> None:
         print(message, flush=True)
 
 
-def finetune(args: argparse.Namespace):
+def finetune(run: RunConfig | argparse.Namespace):
     """Instruction-tune; returns the loop's ``PretrainResult``."""
     from moc_megatron.training.loop import pretrain
 
-    start = resolve_start(args)
+    start, run = start_run(as_run_config(run))
     if start == "pretrained":
-        _print_first_rank(f" > finetuning from pretrained weights {args.pretrained_checkpoint} (iteration 0)")
+        _print_first_rank(f" > finetuning from pretrained weights {run.checkpointing.pretrained_checkpoint} "
+                          "(iteration 0)")
     else:
-        _print_first_rank(f" > resuming the finetuning run in {args.load}")
-    if args.moc_memory_layers and args.moc_routing_unit != "token":
-        _print_first_rank(f" > note: --moc-routing-unit {args.moc_routing_unit} pools over the whole packed sample; "
-                          "packed conversations share their chapter routing (attention is still block-causal)")
-    return pretrain(args, datasets_provider=build_sft_datasets, forward_step_func=sft_forward_step)
+        _print_first_rank(f" > resuming the finetuning run in {run.checkpointing.load}")
+    if run.model.has_memory and run.model.moc_routing_unit != "token":
+        _print_first_rank(f" > note: --moc-routing-unit {run.model.moc_routing_unit} pools over the whole packed "
+                          "sample; packed conversations share their chapter routing (attention is still block-causal)")
+    return pretrain(run, datasets_provider=build_sft_datasets, forward_step_func=sft_forward_step)

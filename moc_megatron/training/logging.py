@@ -6,7 +6,6 @@ TensorBoard writer live on the last rank, as in Megatron-LM (it holds the last p
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from datetime import datetime
@@ -24,6 +23,7 @@ from moc_megatron.memory.aux_losses import (
     chapter_load_statistics,
     pop_chapter_load,
 )
+from moc_megatron.training.run_config import RunConfig
 
 
 def is_last_rank() -> bool:
@@ -108,14 +108,15 @@ def _histogram_by_chapter(writer, tag: str, counts: torch.Tensor, iteration: int
 class TrainingLogger:
     """Accumulates per-iteration values and emits the log line every ``--log-interval`` iterations."""
 
-    def __init__(self, args: argparse.Namespace, config: MoCConfig) -> None:
-        self.args = args
+    def __init__(self, run: RunConfig, config: MoCConfig) -> None:
+        self.run = run
         self.config = config
         self.writer = None
-        if args.tensorboard_dir and is_last_rank():
+        log = run.logging
+        if log.tensorboard_dir and is_last_rank():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.log_interval)
+            self.writer = SummaryWriter(log_dir=log.tensorboard_dir, max_queue=log.log_interval)
         self._reset()
 
     def _reset(self) -> None:
@@ -152,7 +153,7 @@ class TrainingLogger:
         if grad_norm is not None:
             self.scalar("grad-norm", grad_norm, iteration)
         self.scalar("loss-scale", loss_scale, iteration)
-        if iteration % self.args.log_interval:
+        if iteration % self.run.logging.log_interval:
             return
         loads = reduce_chapter_load(self.config)
         self._write_chapter_load(loads, iteration)
@@ -172,18 +173,18 @@ class TrainingLogger:
 
     def _print_line(self, iteration: int, consumed_samples: int, grad_norm: float | None, lr: float,
                     loss_scale: float) -> None:
-        args = self.args
+        schedule = self.run.schedule
         elapsed = (time.perf_counter() - self.start - self.excluded) / max(self.iterations, 1)
-        tokens_per_second = args.global_batch_size * args.seq_length / elapsed
+        tokens_per_second = schedule.global_batch_size * self.run.data.seq_length / elapsed
         self.scalar("iteration-time", elapsed, iteration)
         self.scalar("tokens-per-second", tokens_per_second, iteration)
         line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
-        line += f" iteration {iteration:8d}/{args.train_iters:8d} |"
+        line += f" iteration {iteration:8d}/{schedule.train_iters:8d} |"
         line += f" consumed samples: {consumed_samples:12d} |"
         line += f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f} |"
         line += f" tokens per second: {tokens_per_second:.1f} |"
         line += f" learning rate: {lr:.6E} |"
-        line += f" global batch size: {args.global_batch_size:5d} |"
+        line += f" global batch size: {schedule.global_batch_size:5d} |"
         for key, total in self.sums.items():
             line += f" {key}: {total / max(self.iterations, 1):.6E} |"
         line += f" loss scale: {loss_scale:.1f} |"

@@ -1,4 +1,7 @@
-"""``pretrain``: the whole run, from process groups to the final checkpoint."""
+"""``pretrain``: the whole run, from process groups to the final checkpoint.
+
+The run is described by a :class:`RunConfig` (``pretrain`` builds it from parsed flags if given those).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ from moc_megatron import platform
 from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
-from moc_megatron.training.checkpointing import load_checkpoint, save_checkpoint
-from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+from moc_megatron.training.checkpointing import load_training_state, save_checkpoint
+from moc_megatron.training.config_from_args import as_run_config, run_model_settings
 from moc_megatron.training.data import (
     DatasetTokenizer,
     build_datasets,
@@ -35,6 +38,7 @@ from moc_megatron.training.logging import (
 )
 from moc_megatron.training.nan_check import NonFiniteLossError, is_nonfinite, nonfinite_loss_message
 from moc_megatron.training.optimizer import role_lrs
+from moc_megatron.training.run_config import DataConfig, RunConfig, ScheduleConfig
 from moc_megatron.training.setup import TrainingStack, build_training_stack, count_parameters, initialize
 from moc_megatron.training.train_step import LM_LOSS, evaluate, train_step
 
@@ -54,142 +58,152 @@ class PretrainResult:
     """Iterations whose optimizer step was skipped for a NaN/Inf loss (``--skip-nan-loss-iterations``)."""
 
 
-def _tokenizer(args: argparse.Namespace) -> tuple[DatasetTokenizer, int | None]:
+def _tokenizer(run: RunConfig | argparse.Namespace) -> tuple[DatasetTokenizer, int | None]:
     """The datasets' view of the tokenizer, and its vocabulary size (``None`` without a tokenizer)."""
-    tokenizer, vocab, _ = _tokenizer_and_record(args)
+    tokenizer, vocab, _ = _tokenizer_and_record(as_run_config(run).data)
     return tokenizer, vocab
 
 
-def _tokenizer_and_record(args: argparse.Namespace) -> tuple[DatasetTokenizer, int | None, TokenizerRecord | None]:
+def _tokenizer_and_record(data: DataConfig) -> tuple[DatasetTokenizer, int | None, TokenizerRecord | None]:
     """As :func:`_tokenizer`, plus the tokenizer's record (``None`` without a tokenizer)."""
-    if args.tokenizer_type is None:
-        return dataset_tokenizer(vocab_size=args.vocab_size), None, None
+    if data.tokenizer_type is None:
+        return dataset_tokenizer(vocab_size=data.vocab_size), None, None
     from moc_megatron.data.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    name = f"{args.tokenizer_type}:{args.tokenizer_model}"
-    record = record_from_tokenizer(tokenizer, args.tokenizer_type, args.tokenizer_model)
+    tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    name = f"{data.tokenizer_type}:{data.tokenizer_model}"
+    record = record_from_tokenizer(tokenizer, data.tokenizer_type, data.tokenizer_model)
     return dataset_tokenizer(tokenizer, name=name), tokenizer.vocab_size, record
 
 
-def _learning_rates(stack: TrainingStack, args: argparse.Namespace) -> dict[str, float]:
+def _role_lrs(run: RunConfig) -> dict[str, tuple[float, float]]:
+    return role_lrs(run.schedule.lr, run.schedule.min_lr, run.optimizer.moc_memory_lr, run.optimizer.moc_bank_lr)
+
+
+def _learning_rates(stack: TrainingStack, run: RunConfig) -> dict[str, float]:
     lrs = {"backbone": get_canonical_lr_for_logging(stack.optimizer.param_groups)}
-    for role, (peak, low) in role_lrs(args.lr, args.min_lr, args.moc_memory_lr, args.moc_bank_lr).items():
-        if role != "backbone" and peak != args.lr:
+    for role, (peak, low) in _role_lrs(run).items():
+        if role != "backbone" and peak != run.schedule.lr:
             lrs[role] = stack.scheduler.get_lr({"max_lr": peak, "min_lr": low})
     return lrs
 
 
-def _print_setup(args: argparse.Namespace, config: MoCConfig, stack: TrainingStack, vocab: int) -> None:
+def _print_setup(run: RunConfig, config: MoCConfig, stack: TrainingStack, vocab: int) -> None:
+    par = run.parallel
     print_rank_0(
         f" > MoC model: {config.num_layers} layers, hidden {config.hidden_size}, vocab {vocab} (padded), "
         f"memory layers {sorted(config.moc_memory_layers)}"
         + (f", {config.moc_num_chapters} chapters x {config.moc_chapter_size} tokens, top-{config.moc_top_k}"
            if config.has_memory else "")
-        + f"\n > parallel: TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-        f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size} "
-        f"VPP={args.virtual_pipeline_model_parallel_size}; micro-batches per step {args.num_microbatches}"
+        + f"\n > parallel: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
+        f"EP={par.expert_model_parallel_size} DP={par.data_parallel_size} "
+        f"VPP={par.virtual_pipeline_model_parallel_size}; micro-batches per step {run.schedule.num_microbatches}"
         f"\n > parameters on rank 0: {count_parameters(stack.model):,}"
     )
-    for role, (peak, low) in role_lrs(args.lr, args.min_lr, args.moc_memory_lr, args.moc_bank_lr).items():
-        if role == "bank" and args.moc_freeze_bank:
+    for role, (peak, low) in _role_lrs(run).items():
+        if role == "bank" and run.optimizer.moc_freeze_bank:
             print_rank_0(" > learning rate bank: frozen (no gradient, no optimizer state)")
         elif config.has_memory or role == "backbone":
             print_rank_0(f" > learning rate {role}: max {peak:.3E} min {low:.3E}")
 
 
-def _resume_hint(args: argparse.Namespace, path: str) -> str:
+def _resume_hint(run: RunConfig, path: str) -> str:
     """Where the checkpoint is, and the command that continues from it."""
     argv = list(sys.argv[1:])
     if "--load" in argv:
         i = argv.index("--load")
         del argv[i:i + 2]
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "pretrain_moc.py"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
-    if args.world_size == 1:
+    world, save = run.parallel.world_size, run.checkpointing.save
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world == 1:
         launcher = "python"
-    elif local == args.world_size:
+    elif local == world:
         launcher = f"torchrun --nproc_per_node={local}"
     else:
         launcher = "<the same torchrun/srun launcher>"
-    command = f"{launcher} {shlex.join([script, *argv, '--load', args.save])}"
-    tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
+    command = f"{launcher} {shlex.join([script, *argv, '--load', save])}"
+    tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
     return (f" checkpoint saved to {path} (tracker: {tracker})\n"
-            f" to resume, run the same command with --load {args.save}:\n   {command}\n"
+            f" to resume, run the same command with --load {save}:\n   {command}\n"
             f" (to train further, raise --train-iters: the checkpoint's LR schedule (--lr-decay-iters "
-            f"{args.lr_decay_iters}) is kept; add --override-opt_param-scheduler to re-plan it)")
+            f"{run.schedule.lr_decay_iters}) is kept; add --override-opt_param-scheduler to re-plan it)")
 
 
-def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func=None) -> PretrainResult:
-    """Train for ``args.train_iters`` iterations (resuming from ``--load``); collective over all ranks.
+def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forward_step_func=None) -> PretrainResult:
+    """Train for ``--train-iters`` iterations (resuming from ``--load``); collective over all ranks.
 
-    ``datasets_provider(args, tokenizer) -> (train, valid, test)`` replaces :func:`build_datasets` and
+    ``run`` is the run's :class:`RunConfig` (or the parsed flags, turned into one here).
+    ``datasets_provider(run, tokenizer) -> (train, valid, test)`` replaces :func:`build_datasets` and
     ``forward_step_func`` replaces :func:`train_step.forward_step` (both used by ``finetune_moc.py``).
     """
+    run = as_run_config(run)
     datasets_provider = datasets_provider or build_datasets
     step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
-    tokenizer, tokenizer_vocab, record = _tokenizer_and_record(args)
-    check_data_inputs(args, record)  # before any process group: every rank stops on the same files
-    initialize(args)
-    config = transformer_config_from_args(args)
-    settings = model_settings_from_args(args, tokenizer_vocab)
-    stack = build_training_stack(args, config, settings)
-    _print_setup(args, config, stack, settings.vocab_size)
-    iteration, consumed = load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings,
-                                        tokenizer_record=record)
+    tokenizer, tokenizer_vocab, record = _tokenizer_and_record(run.data)
+    check_data_inputs(run.data, record)  # before any process group: every rank stops on the same files
+    initialize(run)
+    config = run.model
+    settings = run_model_settings(run, tokenizer_vocab)
+    stack = build_training_stack(run, config, settings)
+    _print_setup(run, config, stack, settings.vocab_size)
+    loaded = load_training_state(run, stack.model, stack.optimizer, stack.scheduler, config, settings,
+                                 tokenizer_record=record)
+    run, iteration, consumed = loaded.run, loaded.iteration, loaded.consumed_train_samples
     result = PretrainResult(start_iteration=iteration, iteration=iteration)
+    schedule, ckpt, log = run.schedule, run.checkpointing, run.logging
 
-    train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
+    train_ds, valid_ds, _ = datasets_provider(run, tokenizer)
     chunks = len(stack.model)
-    train_iterators = data_iterators(train_ds, consumed, args, chunks) if iteration < args.train_iters else None
+    train_iterators = data_iterators(train_ds, consumed, run, chunks) if iteration < schedule.train_iters else None
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
-    do_valid = args.eval_iters > 0 and _on_any_rank(valid_ds is not None)
+    do_valid = log.eval_iters > 0 and _on_any_rank(valid_ds is not None)
 
-    logger = TrainingLogger(args, config)
+    logger = TrainingLogger(run, config)
     reset_memory_statistics()  # start the router statistics from this run's first step
     last_saved = iteration
-    print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
-    while iteration < args.train_iters:
-        step = train_step(args, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
+    print_rank_0(f" > training from iteration {iteration} to {schedule.train_iters}")
+    while iteration < schedule.train_iters:
+        step = train_step(run, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
         iteration += 1
-        _check_finite(args, step, iteration, result)
+        _check_finite(schedule, step, iteration, result)
         maybe_kill_rank(iteration)
-        consumed += args.global_batch_size
-        aux = reduce_memory_aux_losses(config, args.num_microbatches)
+        consumed += schedule.global_batch_size
+        aux = reduce_memory_aux_losses(config, schedule.num_microbatches)
         if LM_LOSS in step.losses:
             result.lm_losses[iteration] = step.losses[LM_LOSS]
         logger.training_iteration(iteration, consumed, step.losses, aux, step.grad_norm,
-                                  _learning_rates(stack, args), step.update_successful,
+                                  _learning_rates(stack, run), step.update_successful,
                                   stack.optimizer.get_loss_scale().item())
         paused = time.perf_counter()
-        if do_valid and iteration % args.eval_interval == 0:
-            _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
+        if do_valid and iteration % log.eval_interval == 0:
+            _validate(run, valid_ds, stack, iteration, logger, result, **step_kwargs)
+        if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
+            result.checkpoint = save_checkpoint(run, iteration, stack.model, stack.optimizer, stack.scheduler,
                                                 config, settings, consumed, tokenizer_record=record)
             last_saved = iteration
             print_rank_0(f" saved checkpoint at iteration {iteration} to {result.checkpoint}")
         logger.exclude(time.perf_counter() - paused)
     result.iteration = iteration
-    if do_valid and iteration % args.eval_interval and iteration > result.start_iteration:
-        _validate(args, valid_ds, stack, iteration, logger, result, **step_kwargs)
-    if args.save and iteration > last_saved:
-        result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
+    if do_valid and iteration % log.eval_interval and iteration > result.start_iteration:
+        _validate(run, valid_ds, stack, iteration, logger, result, **step_kwargs)
+    if ckpt.save and iteration > last_saved:
+        result.checkpoint = save_checkpoint(run, iteration, stack.model, stack.optimizer, stack.scheduler,
                                             config, settings, consumed, tokenizer_record=record)
     logger.close()
     reset_memory_statistics()
     if result.checkpoint:
-        print_rank_last(_resume_hint(args, result.checkpoint))
+        print_rank_last(_resume_hint(run, result.checkpoint))
     destroy_bank_groups()
     return result
 
 
-def _check_finite(args: argparse.Namespace, step, iteration: int, result: PretrainResult) -> None:
+def _check_finite(schedule: ScheduleConfig, step, iteration: int, result: PretrainResult) -> None:
     """Stop (or, with ``--skip-nan-loss-iterations``, note the skip) on a NaN/Inf loss or grad norm."""
-    if not args.check_for_nan_in_loss_and_grad:
+    if not schedule.check_for_nan_in_loss_and_grad:
         return
     if step.nonfinite_loss:
-        if not args.skip_nan_loss_iterations:
+        if not schedule.skip_nan_loss_iterations:
             raise NonFiniteLossError(nonfinite_loss_message(iteration))
         result.skipped_iterations.append(iteration)
         print_rank_0(f" iteration {iteration}: loss is NaN or Inf, optimizer step skipped (--skip-nan-loss-iterations)")
@@ -203,10 +217,10 @@ def _on_any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _validate(args, valid_ds, stack: TrainingStack, iteration: int, logger: TrainingLogger,
+def _validate(run: RunConfig, valid_ds, stack: TrainingStack, iteration: int, logger: TrainingLogger,
               result: PretrainResult, **step_kwargs) -> None:
-    iterators = data_iterators(valid_ds, 0, args, len(stack.model))
-    losses = evaluate(args, iterators, stack.model, **step_kwargs)
+    iterators = data_iterators(valid_ds, 0, run, len(stack.model))
+    losses = evaluate(run, iterators, stack.model, **step_kwargs)
     logger.validation(iteration, losses)
     if LM_LOSS in losses:
         result.validation_losses[iteration] = losses[LM_LOSS]

@@ -24,8 +24,9 @@ from moc_megatron.parallel.bank_group import (
     initialize_bank_groups,
     mark_bank_parameters,
 )
-from moc_megatron.training.config_from_args import ddp_config_from_args, optimizer_config_from_args
+from moc_megatron.training.config_from_args import as_run_config, ddp_config, optimizer_config
 from moc_megatron.training.optimizer import build_optimizer, freeze_bank
+from moc_megatron.training.run_config import RunConfig
 from moc_megatron.training.schedule import build_scheduler
 
 
@@ -60,17 +61,19 @@ def quiet_inapplicable_notices() -> None:
             log.addFilter(_DropMessages(patterns))
 
 
-def initialize(args: argparse.Namespace) -> None:
-    """torch.distributed + megatron-core parallel state for the flags' layout, then the seeds."""
+def initialize(run: RunConfig | argparse.Namespace) -> None:
+    """torch.distributed + megatron-core parallel state for the run's layout, then the seeds."""
+    run = as_run_config(run)
     quiet_inapplicable_notices()
+    par = run.parallel
     platform.initialize_distributed(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        timeout_minutes=args.distributed_timeout_minutes,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        timeout_minutes=par.distributed_timeout_minutes,
     )
-    set_random_seed(args.seed)
+    set_random_seed(run.seed)
 
 
 def set_random_seed(seed: int) -> None:
@@ -90,38 +93,40 @@ class TrainingStack:
     scheduler: OptimizerParamScheduler
 
 
-def build_training_stack(args: argparse.Namespace, config: MoCConfig, settings: ModelSettings) -> TrainingStack:
+def build_training_stack(run: RunConfig | argparse.Namespace, config: MoCConfig,
+                         settings: ModelSettings) -> TrainingStack:
     """Build the chunks, freeze the bank if asked, set up the bank group, wrap in DDP, build the optimizer.
 
     Also installs on ``config`` what megatron's schedules call (as Megatron-LM's ``training.py``):
     ``grad_scale_func``, ``finalize_model_grads_func`` (megatron's, plus the bank-group all-reduce),
     ``no_sync_func``/``param_sync_func`` when communication overlaps computation.
     """
+    run = as_run_config(run)
     chunks = build_model_chunks(config, settings)
     for chunk in chunks:
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-    if args.moc_freeze_bank:
+    if run.optimizer.moc_freeze_bank:
         freeze_bank(chunks)
     initialize_bank_groups(chunks)
-    mark_bank_parameters(chunks, args.use_distributed_optimizer)
+    mark_bank_parameters(chunks, run.parallel.use_distributed_optimizer)
     device = platform.get_device()
     wrapped = []
-    ddp_config = ddp_config_from_args(args)
+    ddp = ddp_config(run)
     for i, chunk in enumerate(chunks):
         chunk.to(device)
-        module = Float16Module(config, chunk) if args.bf16 else chunk
+        module = Float16Module(config, chunk) if run.optimizer.bf16 else chunk
         # As in Megatron-LM, only the first chunk's buffers are bucketed (the others reduce at the end).
-        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0))
-    optimizer = build_optimizer(wrapped, optimizer_config_from_args(args), args.moc_memory_lr, args.moc_bank_lr)
-    scheduler = build_scheduler(args, optimizer)
+        wrapped.append(DistributedDataParallel(config, ddp, module, disable_bucketing=i > 0))
+    optimizer = build_optimizer(wrapped, optimizer_config(run), run.optimizer.moc_memory_lr, run.optimizer.moc_bank_lr)
+    scheduler = build_scheduler(run.schedule, optimizer)
 
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads_with_bank
-    if args.overlap_grad_reduce:
+    if run.parallel.overlap_grad_reduce:
         sync = [m.no_sync for m in wrapped]
         config.no_sync_func = sync[0] if len(sync) == 1 else sync
-    if args.overlap_param_gather:
+    if run.parallel.overlap_param_gather:
         gather = [m.start_param_sync for m in wrapped]
         config.param_sync_func = gather[0] if len(gather) == 1 else gather
     return TrainingStack(wrapped, optimizer, scheduler)

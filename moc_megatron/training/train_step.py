@@ -14,8 +14,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from moc_megatron.memory.aux_losses import set_aux_loss_scale
+from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.data import get_batch
 from moc_megatron.training.nan_check import local_losses_nonfinite, on_any_rank
+from moc_megatron.training.run_config import RunConfig, ScheduleConfig
 from moc_megatron.training.schedule import scheduler_step
 
 LM_LOSS = "lm loss"
@@ -73,28 +75,30 @@ class StepResult:
     """The loss was NaN/Inf on some rank: the optimizer step was not taken."""
 
 
-def _run_schedule(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+def _run_schedule(schedule: ScheduleConfig, seq_length: int, data_iterators: list, model: list[torch.nn.Module],
                   forward_step_func, forward_only: bool) -> list[dict]:
     """One global batch through megatron's pipeline schedule; the per-micro-batch loss dicts."""
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterators,
         model=model,
-        num_microbatches=args.num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        decoder_seq_length=args.seq_length,
+        num_microbatches=schedule.num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=schedule.micro_batch_size,
+        decoder_seq_length=seq_length,
         forward_only=forward_only,
     )
 
 
-def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+def train_step(run: RunConfig | argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
                optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                forward_step_func=forward_step) -> StepResult:
     """Forward/backward over ``num_microbatches`` micro-batches, gradient finalisation, optimizer step.
 
     ``forward_step_func`` is megatron's forward step (default :func:`forward_step`; SFT passes its own).
     """
+    run = as_run_config(run)
+    schedule = run.schedule
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -102,25 +106,28 @@ def train_step(args: argparse.Namespace, data_iterators: list, model: list[torch
     # megatron's schedules scale MoE aux-loss gradients only when num_moe_experts is set; do it for the
     # router losses of the memory, exactly as they would: loss scale / number of micro-batches.
     loss_scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
-    set_aux_loss_scale(loss_scale / args.num_microbatches)
-    losses = _run_schedule(args, data_iterators, model, forward_step_func, forward_only=False)
-    if getattr(args, "check_for_nan_in_loss_and_grad", False) and on_any_rank(local_losses_nonfinite(losses)):
+    set_aux_loss_scale(loss_scale / schedule.num_microbatches)
+    losses = _run_schedule(schedule, run.data.seq_length, data_iterators, model, forward_step_func,
+                           forward_only=False)
+    if schedule.check_for_nan_in_loss_and_grad and on_any_rank(local_losses_nonfinite(losses)):
         return StepResult(reduce_losses(losses), None, False, None, nonfinite_loss=True)
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
-        scheduler_step(scheduler, args)
+        scheduler_step(scheduler, schedule)
     return StepResult(reduce_losses(losses), grad_norm, bool(update_successful), num_zeros)
 
 
-def evaluate(args: argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+def evaluate(run: RunConfig | argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
              forward_step_func=forward_step) -> dict[str, float]:
-    """Forward-only loss over ``eval_iters`` global batches (on the last stage; ``{}`` elsewhere)."""
+    """Forward-only loss over ``--eval-iters`` global batches (on the last stage; ``{}`` elsewhere)."""
+    run = as_run_config(run)
     for chunk in model:
         chunk.eval()
     collected: list[dict] = []
     with torch.no_grad():
-        for _ in range(args.eval_iters):
-            collected += _run_schedule(args, data_iterators, model, forward_step_func, forward_only=True)
+        for _ in range(run.logging.eval_iters):
+            collected += _run_schedule(run.schedule, run.data.seq_length, data_iterators, model, forward_step_func,
+                                       forward_only=True)
     for chunk in model:
         chunk.train()
     return reduce_losses(collected)

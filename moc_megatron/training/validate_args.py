@@ -199,8 +199,11 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ArgumentsError("--log-interval and --eval-interval must be positive")
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, data_source_checked: bool = False) -> None:
     """Raise :class:`ArgumentsError` for a bad combination; fill derived values in place.
+
+    ``data_source_checked``: the caller has checked its own data source (``finetune_moc.py``'s
+    ``--sft-data-path``); the ``--data-path``/``--mock-data`` checks are skipped and there is no blend.
 
     Derived: ``data_parallel_size``, ``num_microbatches``, ``virtual_pipeline_model_parallel_size``
     (from ``--num-layers-per-virtual-pipeline-stage``), ``global_batch_size``, ``lr_decay_iters``,
@@ -218,7 +221,11 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_parallel(args)
     _validate_batch(args)
     _validate_schedule(args)
-    _validate_data(args)
+    if data_source_checked:
+        args.data_blend = None
+        args.data_blend_per_split = None
+    else:
+        _validate_data(args)
     _validate_checkpointing(args)
 
     from moc_megatron.training.config_from_args import transformer_config_from_args
