@@ -1,1 +1,1 @@
-"""parallel."""
+"""Process groups the memory needs beyond megatron-core's: the bank group (:mod:`~moc_megatron.parallel.bank_group`)."""

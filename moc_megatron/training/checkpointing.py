@@ -38,7 +38,7 @@ from moc_megatron.data.tokenizer_record import (
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform import optimizer_state
 from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError  # noqa: F401 (re-export)
+from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError
 from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0

@@ -1,24 +1,24 @@
 """Tiny megatron-core GPT models and data for platform tests (CPU/gloo friendly).
 
 The model follows the project's backbone at toy size: RMSNorm, RoPE, GQA self-attention, SwiGLU,
-tied embeddings, megatron-core local layer spec with its ``core_attention`` replaced by
-``SDPACoreAttention`` (megatron-core's ``DotProductAttention`` allocates its causal mask on CUDA).
+tied embeddings, megatron-core local layer spec with the project's own modules where megatron-core's
+do not run on a CPU: ``core_attention`` is :class:`moc_megatron.model.core_attention.SDPACoreAttention`
+(megatron-core's ``DotProductAttention`` allocates its causal mask on CUDA) and, under sequence
+parallelism, the norms are :class:`moc_megatron.model.norm.LocalNorm` (megatron's ``WrappedTorchNorm``
+refuses it).
 Import after ``moc_megatron.platform.initialize_distributed`` has set up the parallel state.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -27,76 +27,11 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moc_megatron import platform
+from moc_megatron.model.core_attention import SDPACoreAttention
+from moc_megatron.model.norm import LocalNorm
 
 VOCAB = 128
 SEQ = 16
-
-
-class SDPACoreAttention(MegatronModule):
-    """Causal core attention on ``torch.nn.functional.scaled_dot_product_attention``.
-
-    Drop-in for ``spec.submodules.self_attention.submodules.core_attention``: takes and returns
-    megatron's ``[s, b, heads, head_dim]`` / ``[s, b, heads * head_dim]`` layouts and repeats K/V
-    heads for grouped-query attention. Attention dropout draws from the tensor-parallel RNG state,
-    as megatron-core's ``DotProductAttention`` does.
-    """
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: Any,
-        attention_type: str,
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(config=config)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.softmax_scale = softmax_scale
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        attn_mask_type: Any = None,
-        attention_bias: torch.Tensor | None = None,
-        packed_seq_params: Any = None,
-    ) -> torch.Tensor:
-        """Causal attention; ``attention_mask`` is ignored (causal masking is built in)."""
-        s, b, h, d = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != h:
-            k = k.repeat_interleave(h // k.shape[1], dim=1)
-            v = v.repeat_interleave(h // v.shape[1], dim=1)
-        p = self.dropout_p if self.training else 0.0
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext()
-        with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale
-            )
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
-
-
-class SequenceParallelRMSNorm(torch.nn.Module):
-    """RMSNorm usable with sequence parallelism (megatron's ``WrappedTorchNorm`` refuses it).
-
-    Its weight is tagged ``sequence_parallel`` so that DDP / ``finalize_model_grads`` sum its
-    gradient over the tensor-parallel group.
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> None:
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
-        self.norm.weight.sequence_parallel = config.sequence_parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise the last dimension."""
-        return self.norm(x)
 
 
 def tiny_config(**overrides: Any) -> TransformerConfig:
@@ -129,15 +64,15 @@ def tiny_config(**overrides: Any) -> TransformerConfig:
 
 def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec | TransformerBlockSubmodules:
     """Local layer spec with SDPA core attention; with sequence parallelism a block spec whose
-    norms are ``SequenceParallelRMSNorm``."""
+    norms are ``LocalNorm`` (``config.normalization``, sequence-parallel aware)."""
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     if not config.sequence_parallel:
         return spec
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    spec.submodules.input_layernorm = LocalNorm
+    spec.submodules.pre_mlp_layernorm = LocalNorm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=LocalNorm)
 
 
 def tiny_gpt(config: TransformerConfig, vp_stage: int | None = None, seed: int | None = 0) -> GPTModel:

@@ -56,9 +56,18 @@ def test_model_trains_a_step_on_gpu_with_available_spec():
     preset = get_preset("moc-tiny")
     config = MoCConfig(**preset.config, use_cpu_initialization=True, bf16=True, params_dtype=torch.bfloat16)
     model = MoCGPTModel(config, preset.vocab_size, 128).cuda()
+    out_projections = [p for n, p in model.named_parameters() if n.endswith("cross_attention.linear_o.weight")]
+    assert len(out_projections) == len(preset.config["moc_memory_layers"])
+    with torch.no_grad():  # W_O starts at zero, which would give the bank an all-zero gradient
+        for weight in out_projections:
+            weight.normal_(0, 0.05)
     tokens = torch.randint(0, preset.vocab_size, (2, 128), device="cuda")
     position_ids = torch.arange(128, device="cuda").expand(2, 128)
     loss = model(tokens, position_ids, None, labels=tokens).float().mean()
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.memory_bank.shared.grad is None or torch.isfinite(model.memory_bank.shared.grad).all()
+    for name in ("shared", "routed"):
+        grad = getattr(model.memory_bank, name).grad
+        assert grad is not None, f"memory_bank.{name} got no gradient"
+        assert torch.isfinite(grad).all(), f"memory_bank.{name} has a non-finite gradient"
+        assert grad.float().abs().sum() > 0, f"memory_bank.{name}'s gradient is all zero"

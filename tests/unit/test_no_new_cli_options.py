@@ -1,4 +1,4 @@
-"""The command-line flags of pretrain_moc.py and finetune_moc.py are frozen (as torchtitan's test_no_new_cli_options.py).
+"""pretrain_moc.py's and finetune_moc.py's command-line flags are frozen (as torchtitan's test_no_new_cli_options).
 
 Each script's sorted option strings are stored in ``tests/unit/cli_options/<script>.txt``; a flag added or
 removed by accident (a renamed argument, a dropped argument group) fails here. After a deliberate change
