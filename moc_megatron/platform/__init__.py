@@ -9,6 +9,9 @@ never asks which platform it runs on:
     platform.model_parallel_manual_seed(1234)
     config = TransformerConfig(**{**fields, **platform.transformer_config_overrides()})
     batch = batch.to(platform.get_device())
+
+``optimizer_state.py`` adapts megatron-core's optimizer checkpointing to a build without Transformer
+Engine/Apex (every CPU, and a GPU without them); ``training/checkpointing.py`` calls it.
 """
 
 from moc_megatron.platform.device import (
