@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import warnings
 
@@ -25,14 +26,19 @@ from moc_megatron.model.builder import ModelSettings, pad_vocab_size
 from moc_megatron.training.moc_flags import moc_config_kwargs
 from moc_megatron.training.run_config import SECTIONS, EmbeddingConfig, RunConfig
 
-# Flags whose argument name is the TransformerConfig field name.
-_SAME_NAME_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "normalization", "init_method_std", "hidden_dropout", "attention_dropout", "qk_layernorm", "add_bias_linear",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-    "virtual_pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity", "recompute_method",
-    "recompute_num_layers", "bf16",
-)
+# Set by transformer_config_from_args itself rather than copied: the platform decides CPU initialisation,
+# and the moc_ flags go through moc_config_kwargs (unset ones fall back to MoCConfig's defaults).
+_NOT_COPIED = ("use_cpu_initialization",)
+
+
+@functools.cache
+def same_name_fields() -> tuple[str, ...]:
+    """The flags whose argument name is a ``TransformerConfig`` field: copied by name into ``MoCConfig``."""
+    from moc_megatron.training.arguments import build_parser  # arguments -> validate_args -> this module
+
+    fields = {f.name for f in dataclasses.fields(MoCConfig) if not f.name.startswith("moc_")}
+    dests = dict.fromkeys(a.dest for a in build_parser()._actions)
+    return tuple(d for d in dests if d in fields and d not in _NOT_COPIED)
 
 
 def params_dtype(bf16: bool) -> torch.dtype:
@@ -42,7 +48,7 @@ def params_dtype(bf16: bool) -> torch.dtype:
 
 def transformer_config_from_args(args: argparse.Namespace) -> MoCConfig:
     """The model configuration the flags describe (as Megatron-LM's ``core_transformer_config_from_args``)."""
-    kwargs = {name: getattr(args, name) for name in _SAME_NAME_FIELDS}
+    kwargs = {name: getattr(args, name) for name in same_name_fields()}
     kwargs.update(moc_config_kwargs(args))
     dtype = params_dtype(args.bf16)
     kwargs.update(

@@ -12,7 +12,12 @@ from moc_megatron import platform
 from moc_megatron.config import MoCConfig
 from moc_megatron.presets import PRESETS
 from moc_megatron.training.arguments import build_parser, parse_args
-from moc_megatron.training.config_from_args import build_run_config, json_args, transformer_config_from_args
+from moc_megatron.training.config_from_args import (
+    build_run_config,
+    json_args,
+    same_name_fields,
+    transformer_config_from_args,
+)
 from moc_megatron.training.finetune import parse_finetune_args, start_run
 from moc_megatron.training.run_config import SECTIONS, RunConfig
 
@@ -53,6 +58,10 @@ def test_sections_hold_the_validated_and_derived_values():
         section = getattr(run, name)
         for f in dataclasses.fields(cls):
             assert getattr(section, f.name) == getattr(args, f.name, f.default), f"{name}.{f.name}"
+    names = same_name_fields()
+    assert {"num_layers", "hidden_size", "tensor_model_parallel_size", "recompute_method", "bf16"} <= set(names)
+    for name in names:
+        assert getattr(run.model, name) == getattr(args, name), f"--{name} did not reach MoCConfig.{name}"
     want = transformer_config_from_args(args)
     assert (run.model.num_layers, run.model.moc_memory_layers, run.model.ffn_hidden_size) == \
         (want.num_layers, want.moc_memory_layers, want.ffn_hidden_size)
