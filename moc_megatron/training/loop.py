@@ -145,8 +145,8 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
     do_valid = args.eval_iters > 0 and _on_any_rank(valid_ds is not None)
 
-    logger = TrainingLogger(args, config)
-    reset_memory_statistics()  # start the router statistics from this run's first step
+    logger = TrainingLogger(args, config, stack.model)
+    reset_memory_statistics(stack.model)  # start the router statistics from this run's first step
     last_saved = iteration
     print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
     while iteration < args.train_iters:
@@ -177,7 +177,7 @@ def pretrain(args: argparse.Namespace, datasets_provider=None, forward_step_func
         result.checkpoint = save_checkpoint(args, iteration, stack.model, stack.optimizer, stack.scheduler,
                                             config, settings, consumed, tokenizer_record=record)
     logger.close()
-    reset_memory_statistics()
+    reset_memory_statistics(stack.model)
     if result.checkpoint:
         print_rank_last(_resume_hint(args, result.checkpoint))
     destroy_bank_groups()
