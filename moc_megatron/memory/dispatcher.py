@@ -83,6 +83,23 @@ def _merge(plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
     return merge_partials(out, lse, unit_index, plan.num_units)
 
 
+def route_to_owners(chapters: torch.Tensor, chapters_per_rank: int, ep_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which unit copies go where, without communication: ``(unit_index [m], dest [m], local [m, k])``.
+
+    A unit ``[k]`` global chapters is copied once to every rank owning one of them; copies are ordered by
+    destination rank; ``local`` holds each copy's indices into its destination's chapters (``-1``: elsewhere).
+    """
+    owner = torch.div(chapters, chapters_per_rank, rounding_mode="floor")
+    local = chapters - owner * chapters_per_rank
+    # unit_to_rank[n, r]: unit n has a chapter on rank r.
+    ranks = torch.arange(ep_size, device=chapters.device)
+    unit_to_rank = (owner.unsqueeze(-1) == ranks).any(dim=1)  # [n, ep]
+    dest, unit_index = unit_to_rank.t().nonzero(as_tuple=True)
+    sent_local = torch.where(owner[unit_index] == dest.unsqueeze(-1), local[unit_index], -1)
+    return unit_index, dest, sent_local
+
+
 class LocalDispatcher:
     """Expert-model-parallel size 1: every routed chapter is on this rank; nothing is communicated."""
 
@@ -118,19 +135,13 @@ class AllToAllDispatcher:
     def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         """Send ``query [n, u, h, e]`` with its global routed ``chapters [n, k]`` and ``weights``."""
         n = query.shape[0]
-        owner = torch.div(chapters, self.chapters_per_rank, rounding_mode="floor")
-        local = chapters - owner * self.chapters_per_rank
-        # unit_to_rank[n, r]: unit n has a chapter on rank r. Sends are ordered by destination rank.
-        ranks = torch.arange(self.ep_size, device=chapters.device)
-        unit_to_rank = (owner.unsqueeze(-1) == ranks).any(dim=1)  # [n, ep]
-        dest, unit_index = unit_to_rank.t().nonzero(as_tuple=True)
+        unit_index, dest, sent_local = route_to_owners(chapters, self.chapters_per_rank, self.ep_size)
         send_counts = torch.bincount(dest, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
         plan = DispatchPlan(unit_index, tuple(send_splits), tuple(recv_splits), n, self.ep_rank)
 
-        sent_local = torch.where(owner[unit_index] == dest.unsqueeze(-1), local[unit_index], -1)
         recv_local = sent_local.new_empty((sum(recv_splits), sent_local.shape[1]))
         dist.all_to_all_single(recv_local, sent_local, recv_splits, send_splits, group=self.group)
         recv_query = all_to_all(self.group, query[unit_index].contiguous(), recv_splits, send_splits)
