@@ -177,3 +177,29 @@ def test_all_to_all_bytes_match_the_formula_for_a_known_routing():
             frozen = all_to_all_bytes(dataclasses.replace(sent, query=sent.query.detach(),
                                                           weights=sent.weights.detach()), out.detach(), None)
             assert frozen.backward == 0  # nothing requires a gradient: no backward traffic
+
+
+def test_process_groups_arrive_through_pg_collection():
+    """megatron's blocks pass the model's ``pg_collection`` to the memory layers; the bank takes it too."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from moc_megatron.model.moc_model import MoCGPTModel
+    from moc_megatron.parallel.groups import MEMORY_GROUPS, memory_groups
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    mpu_ep = pgs.ep
+    for name in MEMORY_GROUPS:  # groups of their own: what the layers get can only have come from pgs
+        setattr(pgs, name, dist.new_group([0]))
+    config = MoCConfig(num_layers=2, hidden_size=32, num_attention_heads=4, moc_memory_layers=[1],
+                       moc_num_chapters=5, moc_top_k=2, moc_chapter_size=4, use_cpu_initialization=True)
+    model = MoCGPTModel(config, 64, 16, pg_collection=pgs)
+    assert model.pg_collection is pgs
+    (layer,) = model.memory_layers()
+    for name in MEMORY_GROUPS:
+        assert getattr(layer.groups, name) is getattr(pgs, name)
+        assert getattr(model.memory_bank.groups, name) is getattr(pgs, name)
+    assert (layer.groups.ep_size, layer.groups.ep_rank, layer.groups.tp_size) == (1, 0, 1)
+    assert layer.groups.ep is not mpu_ep
+    # without a collection: parallel_state's groups
+    assert memory_groups().ep is mpu_ep
