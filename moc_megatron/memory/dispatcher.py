@@ -184,6 +184,9 @@ class CommBytes:
         """Forward plus backward."""
         return self.forward + self.backward
 
+    def __add__(self, other: CommBytes) -> CommBytes:
+        return CommBytes(self.forward + other.forward, self.backward + other.backward)
+
 
 def _row_bytes(t: torch.Tensor | None) -> int:
     """Bytes of one row (dim 0) of ``t``; 0 for ``None``."""

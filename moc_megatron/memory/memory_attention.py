@@ -47,12 +47,6 @@ class MoCMemorySubmodules:
     routed_norm: ModuleSpec | type = MemoryRMSNorm
 
 
-def expert_parallel_layout(pg_collection=None) -> tuple[int, int, object]:
-    """``(ep_rank, ep_size, ep_group)`` of ``pg_collection`` (else megatron's ``parallel_state``)."""
-    groups = memory_groups(pg_collection)
-    return groups.ep_rank, groups.ep_size, groups.ep if groups.ep_size > 1 else None
-
-
 class MoCMemoryAttention(MegatronModule):
     """Cross-attention of the hidden states to the selected chapters of a memory bank.
 
@@ -154,8 +148,7 @@ class MoCMemoryAttention(MegatronModule):
             shared = self._shared_partial(query, shared_w)
             out = self.dispatcher.combine(sent.plan, *routed, extra=shared)
             if training:
-                step = all_to_all_bytes(sent, *routed)
-                self._comm = CommBytes(self._comm.forward + step.forward, self._comm.backward + step.backward)
+                self._comm = self._comm + all_to_all_bytes(sent, *routed)
         out = self.units.join(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
 
         output, bias = self.linear_o(out)
