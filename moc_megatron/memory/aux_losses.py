@@ -1,4 +1,7 @@
-"""Router losses and chapter-load statistics, through megatron-core's MoE aux-loss machinery."""
+"""Router losses through megatron-core's MoE aux-loss machinery, and chapter-load statistics.
+
+The chapter-load counts themselves live on each router (:meth:`ChapterRouter.compute_metrics`).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +14,10 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from moc_megatron.config import MoCConfig
-from moc_megatron.memory.router import Routing
+from moc_megatron.memory.router import Routing, live_router_loads
 
 LOAD_BALANCE_NAME = "moc_load_balancing_loss"
 Z_LOSS_NAME = "moc_z_loss"
-
-_chapter_load: dict[int, torch.Tensor] = {}
 
 
 def attach_router_losses(
@@ -30,7 +31,6 @@ def attach_router_losses(
     num_routed = config.moc_num_routed_chapters
     num_units = routing.probs.shape[0]
     per_chapter = torch.bincount(routing.chapters.flatten(), minlength=num_routed)
-    record_chapter_load(layer_number, per_chapter)
     total = output.new_zeros((), dtype=torch.float32)
     if config.moc_load_balance_coeff > 0:
         lb = switch_load_balancing_loss_func(
@@ -58,20 +58,9 @@ def set_aux_loss_scale(scale: torch.Tensor) -> None:
         current.copy_(scale)
 
 
-def record_chapter_load(layer_number: int, per_chapter: torch.Tensor) -> None:
-    """Accumulate how many routing units picked each routed chapter in this layer."""
-    counts = per_chapter.detach().to(torch.float64)
-    if layer_number in _chapter_load:
-        _chapter_load[layer_number] += counts
-    else:
-        _chapter_load[layer_number] = counts.clone()
-
-
 def pop_chapter_load() -> dict[int, torch.Tensor]:
-    """Return and reset the per-layer chapter selection counts since the last call."""
-    loads = dict(_chapter_load)
-    _chapter_load.clear()
-    return loads
+    """Return and reset the per-layer chapter selection counts of every live router (tests and benches)."""
+    return live_router_loads(reset=True)
 
 
 def chapter_load_statistics(counts: torch.Tensor) -> dict[str, float]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from torch import nn
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.parallel.groups import MemoryGroups
 from moc_megatron.platform import get_device
 
 
@@ -57,11 +57,19 @@ class MemoryBank(nn.Module):
     ``routed`` holds this expert-parallel rank's contiguous block of routed chapters; it is an expert
     parameter (``allreduce=False``), so megatron's DDP reduces its gradient over the
     expert-data-parallel group only. ``routed_offset`` is the global index of its first chapter.
+
+    ``groups`` (from megatron's ``pg_collection``, see :mod:`moc_megatron.parallel.groups`) give the
+    expert-parallel place and the checkpoint replica coordinates; without them the bank is the single
+    rank ``ep_rank`` of ``ep_size``.
     """
 
-    def __init__(self, config: MoCConfig, ep_rank: int = 0, ep_size: int = 1) -> None:
+    def __init__(self, config: MoCConfig, ep_rank: int = 0, ep_size: int = 1,
+                 groups: MemoryGroups | None = None) -> None:
         super().__init__()
         self.config = config
+        self.groups = MemoryGroups() if groups is None else groups
+        if groups is not None:
+            ep_rank, ep_size = groups.ep_rank, groups.ep_size
         routed_total = config.moc_num_routed_chapters
         if routed_total % ep_size:
             raise ValueError(
@@ -114,7 +122,8 @@ class MemoryBank(nn.Module):
         The routed chapters are one tensor ``[num_routed, T, d]`` in the checkpoint whatever the
         expert-parallel layout, so a bank saved at one EP size loads at any other.
         """
-        tp_rank, dp_rank, edp_rank = _replica_coordinates()
+        groups = self.groups
+        tp_rank, dp_rank, edp_rank = groups.tp_rank, groups.dp_rank, groups.edp_rank
         axis = len(sharded_offsets)
         routed = ShardedTensor.from_rank_offsets(
             f"{prefix}routed", self.routed, *sharded_offsets, (axis, self.ep_rank, self.ep_size),
@@ -126,13 +135,3 @@ class MemoryBank(nn.Module):
         )
         return {f"{prefix}routed": routed, f"{prefix}shared": shared}
 
-
-def _replica_coordinates() -> tuple[int, int, int]:
-    """(tensor-parallel rank, data-parallel rank, expert-data-parallel rank) of this process."""
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 0, 0
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(with_context_parallel=True),
-        parallel_state.get_expert_data_parallel_rank(),
-    )

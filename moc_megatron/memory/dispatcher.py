@@ -1,11 +1,20 @@
 """Moves routing units' queries to the ranks that own their chapters, and the results back.
 
 Knows nothing of attention: it ships ``[n, ...]`` tensors of units to owner ranks and merges what
-comes back with :func:`merge_partials`.
+comes back with :func:`merge_partials`. Two dispatchers, chosen once by :func:`make_dispatcher`:
+
+- :class:`LocalDispatcher` (expert-model-parallel size 1): every chapter is on this rank, nothing moves;
+- :class:`AllToAllDispatcher`: routed chapters are split over the expert-parallel group, units travel by
+  all-to-all.
+
+``dispatch()`` returns the units as the owners see them together with a frozen :class:`DispatchPlan`;
+``combine()`` takes that plan back, so a dispatcher holds no state between the two calls.
+:func:`all_to_all_bytes` counts what a plan's all-to-alls send, from the plan alone.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +23,44 @@ from megatron.core.tensor_parallel.mappings import all_to_all
 
 from moc_megatron.memory.chapter_attention import merge_partials
 
+COUNT_BYTES = 8
+"""Bytes of one all-to-all count (int64)."""
 
-@dataclass
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where every unit went: what :meth:`AllToAllDispatcher.combine` needs to bring results back."""
+
+    unit_index: torch.Tensor
+    """``[m]`` local index of each sent unit copy, ordered by destination rank."""
+    send_splits: tuple[int, ...]
+    """Unit copies sent to each rank of the expert-parallel group."""
+    recv_splits: tuple[int, ...]
+    """Unit copies received from each rank."""
+    num_units: int
+    """Units on this rank before dispatch."""
+    rank: int = 0
+    """This rank in the expert-parallel group."""
+
+    @property
+    def ep_size(self) -> int:
+        """Size of the expert-parallel group the plan spans."""
+        return len(self.send_splits)
+
+    @property
+    def units_sent(self) -> int:
+        """Unit copies sent to other ranks (the copy to this rank is a local one)."""
+        return sum(self.send_splits) - self.send_splits[self.rank]
+
+    @property
+    def units_received(self) -> int:
+        """Unit copies received from other ranks."""
+        return sum(self.recv_splits) - self.recv_splits[self.rank]
+
+
+@dataclass(frozen=True)
 class Dispatched:
-    """Units as the owner rank sees them."""
+    """Units as the owner rank sees them, and the plan that returns their results."""
 
     query: torch.Tensor
     """``[m, u, h, e]`` queries of the received units."""
@@ -25,71 +68,155 @@ class Dispatched:
     """``[m, k]`` indices into this rank's routed chapters, ``-1`` where a chapter lives elsewhere."""
     weights: torch.Tensor
     """``[m, k]`` chapter weights."""
+    plan: DispatchPlan
 
 
-class ChapterDispatcher:
+def _merge(plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
+           extra: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """Merge the partials in ``out``/``lse`` (rows in ``plan.unit_index`` order) and ``extra`` per unit."""
+    unit_index = plan.unit_index
+    if extra is not None:
+        extra_out, extra_lse = extra
+        unit_index = torch.cat([unit_index, torch.arange(plan.num_units, device=unit_index.device)])
+        out = torch.cat([out, extra_out])
+        lse = None if lse is None else torch.cat([lse, extra_lse])
+    return merge_partials(out, lse, unit_index, plan.num_units)
+
+
+def route_to_owners(chapters: torch.Tensor, chapters_per_rank: int, ep_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which unit copies go where, without communication: ``(unit_index [m], dest [m], local [m, k])``.
+
+    A unit ``[k]`` global chapters is copied once to every rank owning one of them; copies are ordered by
+    destination rank; ``local`` holds each copy's indices into its destination's chapters (``-1``: elsewhere).
+    """
+    owner = torch.div(chapters, chapters_per_rank, rounding_mode="floor")
+    local = chapters - owner * chapters_per_rank
+    # unit_to_rank[n, r]: unit n has a chapter on rank r.
+    ranks = torch.arange(ep_size, device=chapters.device)
+    unit_to_rank = (owner.unsqueeze(-1) == ranks).any(dim=1)  # [n, ep]
+    dest, unit_index = unit_to_rank.t().nonzero(as_tuple=True)
+    sent_local = torch.where(owner[unit_index] == dest.unsqueeze(-1), local[unit_index], -1)
+    return unit_index, dest, sent_local
+
+
+class LocalDispatcher:
+    """Expert-model-parallel size 1: every routed chapter is on this rank; nothing is communicated."""
+
+    communicates = False
+
+    def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor) -> Dispatched:
+        """Every unit stays here; its global chapter indices are its local ones."""
+        n = query.shape[0]
+        plan = DispatchPlan(torch.arange(n, device=query.device), (n,), (n,), n)
+        return Dispatched(query, chapters, weights, plan)
+
+    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
+                extra: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """``out`` is already complete per unit unless ``extra`` (the shared chapters) is to be merged in."""
+        return out if extra is None else _merge(plan, out, lse, extra)
+
+
+class AllToAllDispatcher:
     """Expert-parallel dispatch of routing units to the owners of their routed chapters.
 
     Routed chapters are split into ``ep_size`` contiguous blocks of ``chapters_per_rank``. A unit is
-    sent once to every rank that owns at least one of its chapters (not once per chapter). With
-    ``ep_size == 1`` nothing is communicated and the same code path runs.
+    sent once to every rank that owns at least one of its chapters (not once per chapter).
     """
 
-    def __init__(self, chapters_per_rank: int, group: dist.ProcessGroup | None, ep_size: int) -> None:
+    communicates = True
+
+    def __init__(self, chapters_per_rank: int, group: dist.ProcessGroup, ep_size: int, ep_rank: int) -> None:
         self.chapters_per_rank = chapters_per_rank
         self.group = group
         self.ep_size = ep_size
-        self._plan: tuple[torch.Tensor, list[int], list[int], int] | None = None
+        self.ep_rank = ep_rank
 
     def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor) -> Dispatched:
         """Send ``query [n, u, h, e]`` with its global routed ``chapters [n, k]`` and ``weights``."""
         n = query.shape[0]
-        owner = torch.div(chapters, self.chapters_per_rank, rounding_mode="floor")
-        local = chapters - owner * self.chapters_per_rank
-        if self.ep_size == 1:
-            self._plan = (torch.arange(n, device=query.device), [n], [n], n)
-            return Dispatched(query, local, weights)
-        # unit_to_rank[n, r]: unit n has a chapter on rank r. Sends are ordered by destination rank.
-        ranks = torch.arange(self.ep_size, device=chapters.device)
-        unit_to_rank = (owner.unsqueeze(-1) == ranks).any(dim=1)  # [n, ep]
-        dest, unit_index = unit_to_rank.t().nonzero(as_tuple=True)
+        unit_index, dest, sent_local = route_to_owners(chapters, self.chapters_per_rank, self.ep_size)
         send_counts = torch.bincount(dest, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        self._plan = (unit_index, send_splits, recv_splits, n)
+        plan = DispatchPlan(unit_index, tuple(send_splits), tuple(recv_splits), n, self.ep_rank)
 
-        sent_local = torch.where(owner[unit_index] == dest.unsqueeze(-1), local[unit_index], -1)
         recv_local = sent_local.new_empty((sum(recv_splits), sent_local.shape[1]))
         dist.all_to_all_single(recv_local, sent_local, recv_splits, send_splits, group=self.group)
         recv_query = all_to_all(self.group, query[unit_index].contiguous(), recv_splits, send_splits)
         recv_weights = all_to_all(self.group, weights[unit_index].contiguous(), recv_splits, send_splits)
-        return Dispatched(recv_query, recv_local, recv_weights)
+        return Dispatched(recv_query, recv_local, recv_weights, plan)
 
-    def combine(
-        self,
-        out: torch.Tensor,
-        lse: torch.Tensor | None,
-        extra: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
+    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
+                extra: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Return the owners' partial results to the senders and merge them per unit.
 
         ``extra`` is a partial computed locally for every unit (the shared chapters); it is merged
         with the routed partials in the same exact log-sum-exp combination.
         """
-        if self._plan is None:
-            raise RuntimeError("combine() called before dispatch()")
-        unit_index, send_splits, recv_splits, n = self._plan
-        self._plan = None
-        if self.ep_size > 1:
-            out = all_to_all(self.group, out.contiguous(), send_splits, recv_splits)
-            if lse is not None:
-                lse = all_to_all(self.group, lse.contiguous(), send_splits, recv_splits)
-        if extra is not None:
-            extra_out, extra_lse = extra
-            unit_index = torch.cat([unit_index, torch.arange(n, device=unit_index.device)])
-            out = torch.cat([out, extra_out])
-            lse = None if lse is None else torch.cat([lse, extra_lse])
-        if self.ep_size == 1 and extra is None:
-            return out
-        return merge_partials(out, lse, unit_index, n)
+        send, recv = list(plan.send_splits), list(plan.recv_splits)
+        out = all_to_all(self.group, out.contiguous(), send, recv)
+        if lse is not None:
+            lse = all_to_all(self.group, lse.contiguous(), send, recv)
+        return _merge(plan, out, lse, extra)
+
+
+def make_dispatcher(num_routed_chapters: int, ep_rank: int, ep_size: int,
+                    group: dist.ProcessGroup | None) -> LocalDispatcher | AllToAllDispatcher:
+    """The local dispatcher at expert-model-parallel size 1, the all-to-all one above."""
+    if ep_size == 1:
+        return LocalDispatcher()
+    if group is None:
+        raise ValueError(f"expert-model-parallel size {ep_size} needs an expert-parallel process group")
+    return AllToAllDispatcher(num_routed_chapters // ep_size, group, ep_size, ep_rank)
+
+
+@dataclass(frozen=True)
+class CommBytes:
+    """Bytes this rank sends to other ranks in one memory read's all-to-alls."""
+
+    forward: int = 0
+    backward: int = 0
+
+    @property
+    def total(self) -> int:
+        """Forward plus backward."""
+        return self.forward + self.backward
+
+    def __add__(self, other: CommBytes) -> CommBytes:
+        return CommBytes(self.forward + other.forward, self.backward + other.backward)
+
+
+def _row_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of one row (dim 0) of ``t``; 0 for ``None``."""
+    return 0 if t is None else math.prod(t.shape[1:]) * t.element_size()
+
+
+def all_to_all_bytes(sent: Dispatched, out: torch.Tensor, lse: torch.Tensor | None) -> CommBytes:
+    """What :class:`AllToAllDispatcher` sends to other ranks for ``sent`` and its partials ``out``/``lse``.
+
+    Computed from the plan, with no communication. Per unit copy sent to another rank (``m_s``) and per
+    copy received from one (``m_r``), with ``k`` the top-k and the row sizes of the tensors in bytes:
+
+    - forward:  ``(P - 1) * 8`` (the counts) ``+ m_s * (8k + q + w) + m_r * (o + l)``
+    - backward: ``m_r * (q + w) + m_s * (o + l)`` (gradients of what came in travel back)
+
+    ``q`` is one unit's query (``unit_len * heads * head_dim * bytes``), ``w`` its ``k`` weights,
+    ``o``/``l`` one unit's partial output and log-sum-exp (``l = 0`` for mixture gating). A backward
+    term is counted only where the tensor requires a gradient. Rows a rank sends to itself are local
+    copies and are not counted; the local dispatcher sends nothing.
+    """
+    plan = sent.plan
+    if plan.ep_size == 1:
+        return CommBytes()
+    m_s, m_r = plan.units_sent, plan.units_received
+    idx, q, w = _row_bytes(sent.local_chapters), _row_bytes(sent.query), _row_bytes(sent.weights)
+    o, lrow = _row_bytes(out), _row_bytes(lse)
+    forward = (plan.ep_size - 1) * COUNT_BYTES + m_s * (idx + q + w) + m_r * (o + lrow)
+
+    def grad(t: torch.Tensor | None, row: int) -> int:
+        return row if t is not None and t.requires_grad else 0
+
+    backward = m_r * (grad(sent.query, q) + grad(sent.weights, w)) + m_s * (grad(out, o) + grad(lse, lrow))
+    return CommBytes(forward, backward)

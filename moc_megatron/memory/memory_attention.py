@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -24,9 +23,11 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
 from moc_megatron.memory.chapter_attention import chapter_attention
-from moc_megatron.memory.dispatcher import ChapterDispatcher
-from moc_megatron.memory.router import ChapterRouter, chapter_weights, pool_routing_units
+from moc_megatron.memory.dispatcher import CommBytes, all_to_all_bytes, make_dispatcher
+from moc_megatron.memory.router import ChapterRouter, chapter_weights
+from moc_megatron.memory.units import RoutingUnits
 from moc_megatron.model.norm import MemoryRMSNorm
+from moc_megatron.parallel.groups import MemoryGroups, memory_groups
 
 
 @dataclass
@@ -46,36 +47,23 @@ class MoCMemorySubmodules:
     routed_norm: ModuleSpec | type = MemoryRMSNorm
 
 
-def expert_parallel_layout() -> tuple[int, int, object]:
-    """``(ep_rank, ep_size, ep_group)`` from megatron-core, or a single rank when uninitialised."""
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1, None
-    size = parallel_state.get_expert_model_parallel_world_size()
-    group = parallel_state.get_expert_model_parallel_group() if size > 1 else None
-    return parallel_state.get_expert_model_parallel_rank(), size, group
-
-
-def _tensor_parallel_size() -> int:
-    if not parallel_state.model_parallel_is_initialized():
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
 class MoCMemoryAttention(MegatronModule):
     """Cross-attention of the hidden states to the selected chapters of a memory bank.
 
     Memory heads are split over tensor-parallel ranks like self-attention heads (``W_Q``, ``W_K``,
     ``W_V`` column-parallel, ``W_O`` row-parallel and zero-initialised). The bank is either this
     layer's own (``moc_shared_bank=False``) or the model's shared bank, set with
-    :meth:`set_shared_bank`.
+    :meth:`set_shared_bank`. Process groups come from megatron's ``pg_collection`` (the
+    ``TransformerLayer`` passes its own), else from ``parallel_state``.
     """
 
     def __init__(self, config: MoCConfig, layer_number: int, submodules: MoCMemorySubmodules | None = None,
-                 **kwargs) -> None:
+                 pg_collection=None, **kwargs) -> None:
         super().__init__(config=config)
         submodules = MoCMemorySubmodules() if submodules is None else submodules
         self.layer_number = layer_number
-        tp = _tensor_parallel_size()
+        self.groups: MemoryGroups = memory_groups(pg_collection)
+        tp = self.groups.tp_size
         self.num_heads = config.moc_num_heads // tp
         self.num_groups = config.moc_num_query_groups // tp
         self.head_dim = config.moc_head_dim
@@ -110,11 +98,13 @@ class MoCMemoryAttention(MegatronModule):
                                         eps=config.layernorm_epsilon)
         self.routed_norm = build_module(submodules.routed_norm, config=config, hidden_size=config.moc_bank_dim,
                                         eps=config.layernorm_epsilon)
-        self.router = ChapterRouter(config)
-        ep_rank, ep_size, ep_group = expert_parallel_layout()
-        self.own_bank = None if config.moc_shared_bank else MemoryBank(config, ep_rank, ep_size)
+        self.router = ChapterRouter(config, layer_number=layer_number)
+        self.units = RoutingUnits(config.moc_routing_unit, config.moc_chunk_size)
+        groups = self.groups
+        self.own_bank = None if config.moc_shared_bank else MemoryBank(config, groups=groups)
         self._shared_bank: list[MemoryBank] = []
-        self.dispatcher = ChapterDispatcher(config.moc_num_routed_chapters // ep_size, ep_group, ep_size)
+        self.dispatcher = make_dispatcher(config.moc_num_routed_chapters, groups.ep_rank, groups.ep_size, groups.ep)
+        self._comm = CommBytes()
 
     def set_shared_bank(self, bank: MemoryBank) -> None:
         """Read the model's shared bank (kept outside this module's parameters)."""
@@ -133,18 +123,19 @@ class MoCMemoryAttention(MegatronModule):
                 inference_context=None, **kwargs) -> tuple[torch.Tensor, None]:
         """Memory read of ``hidden_states`` ``[s, b, h]`` (sequence-sharded under SP)."""
         cfg = self.config
-        if cfg.sequence_parallel and _tensor_parallel_size() > 1:
+        if cfg.sequence_parallel and self.groups.tp_size > 1:
             # W_Q's column-parallel backward already all-reduces its input gradient and the router's
             # is complete on every rank, so the gather's backward keeps this rank's slice, no sum.
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         s, b, _ = hidden_states.shape
+        training = self.training and torch.is_grad_enabled()
 
-        routing = self.router(pool_routing_units(hidden_states, cfg.moc_routing_unit, cfg.moc_chunk_size))
+        routing = self.router(self.units.pool(hidden_states))
         shared_w, routed_w = chapter_weights(routing, cfg)
 
         query = self.linear_q(hidden_states)[0].view(s, b, self.num_heads, self.head_dim)
-        query = self._to_units(query)
-        if self.dispatcher.ep_size == 1:  # every chapter is here: nothing to send, no partials to merge
+        query = self.units.split(query)
+        if not self.dispatcher.communicates:  # every chapter is here: nothing to send, no partials to merge
             out = self._local_read(query, routing.chapters, shared_w, routed_w)
         else:
             # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
@@ -155,13 +146,28 @@ class MoCMemoryAttention(MegatronModule):
             routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
                                        self.softmax_scale, impl=cfg.moc_attention_impl)
             shared = self._shared_partial(query, shared_w)
-            out = self.dispatcher.combine(*routed, extra=shared)
-        out = self._from_units(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
+            out = self.dispatcher.combine(sent.plan, *routed, extra=shared)
+            if training:
+                self._comm = self._comm + all_to_all_bytes(sent, *routed)
+        out = self.units.join(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
 
         output, bias = self.linear_o(out)
-        if self.training and torch.is_grad_enabled():
+        if training:
+            self.router.record_load(routing)
             output = attach_router_losses(output, routing, cfg, self.layer_number)
         return output, bias
+
+    def compute_comm_metrics(self, reset: bool = False) -> CommBytes:
+        """Bytes this rank's memory all-to-alls sent to other ranks in training forwards (and their backwards)
+        since the last reset; from the dispatch plans, no communication. Zero without expert parallelism."""
+        comm = self._comm
+        if reset:
+            self.reset_comm_metrics()
+        return comm
+
+    def reset_comm_metrics(self) -> None:
+        """Start counting the all-to-all bytes from zero."""
+        self._comm = CommBytes()
 
     def _local_read(self, query: torch.Tensor, chapters: torch.Tensor, shared_w: torch.Tensor,
                     routed_w: torch.Tensor) -> torch.Tensor:
@@ -218,23 +224,3 @@ class MoCMemoryAttention(MegatronModule):
         selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
         return chapter_attention(query, keys, values, selected, shared_w, self.config.moc_gating,
                                  self.softmax_scale, impl=self.config.moc_attention_impl)
-
-    def _to_units(self, x: torch.Tensor) -> torch.Tensor:
-        """``[s, b, h, e]`` -> ``[units, unit_len, h, e]`` in the router's unit order."""
-        s, b, h, e = x.shape
-        x = x.transpose(0, 1)
-        unit = self.config.moc_routing_unit
-        if unit == "sequence":
-            return x
-        if unit == "token":
-            return x.reshape(b * s, 1, h, e)
-        size = self.config.moc_chunk_size
-        pad = -s % size
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.reshape(b * ((s + pad) // size), size, h, e)
-
-    def _from_units(self, x: torch.Tensor, s: int, b: int) -> torch.Tensor:
-        """Inverse of :meth:`_to_units`: back to ``[s, b, h, e]``."""
-        h, e = x.shape[-2:]
-        return x.reshape(b, -1, h, e)[:, :s].transpose(0, 1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.memory.units import RoutingUnits
 from moc_megatron.platform import get_device
 
 
@@ -26,41 +28,30 @@ class Routing:
 
 
 def pool_routing_units(hidden: torch.Tensor, unit: str, chunk_size: int) -> torch.Tensor:
-    """Router inputs, one row per routing unit, from ``hidden`` ``[s, b, h]``.
-
-    Returns ``[b * units_per_sequence, h]`` ordered sequence-major:
-    - ``sequence``: the mean over the whole sequence (sees future tokens, as in the paper);
-    - ``chunk``: chunk ``j`` is routed from the mean of the tokens before it (zeros for the first);
-    - ``token``: every token's own hidden state.
-    """
-    s, b, h = hidden.shape
-    x = hidden.transpose(0, 1)  # [b, s, h]
-    if unit == "sequence":
-        return x.mean(dim=1)
-    if unit == "token":
-        return x.reshape(b * s, h)
-    if unit == "chunk":
-        num_chunks = -(-s // chunk_size)
-        prefix = torch.cumsum(x, dim=1)  # prefix[:, t] = sum of tokens 0..t
-        starts = torch.arange(num_chunks, device=x.device) * chunk_size  # tokens before chunk j
-        counts = starts.clamp(min=1).to(x.dtype).view(1, num_chunks, 1)
-        before = prefix[:, (starts - 1).clamp(min=0)]  # sum of tokens 0..start-1
-        before = torch.where((starts > 0).view(1, num_chunks, 1), before, torch.zeros_like(before))
-        return (before / counts).reshape(b * num_chunks, h)
-    raise ValueError(f"unknown routing unit {unit!r}")
+    """Router inputs, one row per routing unit, from ``hidden`` ``[s, b, h]`` (see :meth:`RoutingUnits.pool`)."""
+    return RoutingUnits(unit, chunk_size).pool(hidden)
 
 
 class ChapterRouter(nn.Module):
     """``softmax(W_r r + b_r)`` over the routed chapters, then top-k.
 
     The router weights are replicated on every tensor- and expert-parallel rank (dense parameters).
+    The router also keeps its chapter-load statistics (as OLMo-core's MoE router does): ``chapter_load``
+    counts how many routing units selected each routed chapter in the training forwards the memory layer
+    passed to :meth:`record_load`, until :meth:`reset_metrics`. It is a non-persistent integer buffer: not in
+    checkpoints, not cast by ``.half()``/``.bfloat16()``, moved with the module.
     """
 
-    def __init__(self, config: MoCConfig) -> None:
+    def __init__(self, config: MoCConfig, layer_number: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.layer_number = layer_number
+        """1-based number of the layer this router belongs to (the key of :func:`live_router_loads`)."""
         num_routed = config.moc_num_routed_chapters
         device = None if config.use_cpu_initialization else get_device()
+        self.register_buffer("chapter_load", torch.zeros(num_routed, dtype=torch.long, device=device),
+                             persistent=False)
+        _LIVE_ROUTERS.add(self)
         self.weight = nn.Parameter(
             torch.empty(num_routed, config.hidden_size, dtype=config.params_dtype, device=device)
         )
@@ -75,6 +66,41 @@ class ChapterRouter(nn.Module):
         probs = torch.softmax(logits, dim=-1)
         topk_probs, chapters = torch.topk(probs, self.config.moc_top_k, dim=-1)
         return Routing(logits=logits, probs=probs, chapters=chapters, topk_probs=topk_probs)
+
+    def record_load(self, routing: Routing) -> None:
+        """Add ``routing``'s selections to ``chapter_load`` (the memory layer calls it in training forwards)."""
+        counts = torch.bincount(routing.chapters.detach().flatten(), minlength=self.chapter_load.numel())
+        self.chapter_load += counts.to(self.chapter_load.device)
+
+    def compute_metrics(self, reset: bool = False) -> torch.Tensor:
+        """The chapter selection counts since the last reset, ``[num_routed]`` float64; optionally reset them."""
+        counts = self.chapter_load.to(torch.float64)  # a copy: the buffer's dtype is long
+        if reset:
+            self.reset_metrics()
+        return counts
+
+    def reset_metrics(self) -> None:
+        """Zero the chapter selection counts."""
+        self.chapter_load.zero_()
+
+
+_LIVE_ROUTERS: weakref.WeakSet[ChapterRouter] = weakref.WeakSet()
+
+
+def live_router_loads(reset: bool = True) -> dict[int, torch.Tensor]:
+    """Chapter loads of every router alive in this process, summed per layer number (tests and benches).
+
+    Training logs through the model's memory layers instead (``moc_megatron.training.logging``), which
+    sees only that model's routers.
+    """
+    loads: dict[int, torch.Tensor] = {}
+    for router in list(_LIVE_ROUTERS):
+        counts = router.compute_metrics(reset=reset)
+        if router.layer_number is None or not counts.any():
+            continue
+        counts = counts.cpu()
+        loads[router.layer_number] = loads[router.layer_number] + counts if router.layer_number in loads else counts
+    return loads
 
 
 def chapter_weights(routing: Routing, config: MoCConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,20 +6,25 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.memory.bank import MemoryBank
-from moc_megatron.memory.memory_attention import MoCMemoryAttention, expert_parallel_layout
+from moc_megatron.memory.memory_attention import MoCMemoryAttention
 from moc_megatron.model.layer_specs import block_spec
+from moc_megatron.parallel.groups import memory_groups
 
 
 class MoCGPTModel(GPTModel):
     """A decoder-only MoC language model (RMSNorm, RoPE, GQA, SwiGLU, memory cross-attention).
 
     With ``moc_shared_bank`` one :class:`MemoryBank` lives on this module as ``memory_bank`` (on every
-    pipeline stage that has a memory layer) and every local memory layer reads it.
+    pipeline stage that has a memory layer) and every local memory layer reads it. ``pg_collection`` is
+    megatron's ``ProcessGroupCollection``; it reaches the memory layers through megatron's blocks and
+    layers, and the bank takes its groups from it (both default to ``parallel_state``'s groups).
     """
 
     def __init__(self, config: MoCConfig, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
-                 rotary_base: int = 10000, vp_stage: int | None = None, use_te: bool | None = None) -> None:
+                 rotary_base: int = 10000, vp_stage: int | None = None, use_te: bool | None = None,
+                 pg_collection=None) -> None:
+        extra = {} if pg_collection is None else {"pg_collection": pg_collection}
         super().__init__(
             config=config,
             transformer_layer_spec=block_spec(config, use_te=use_te, vp_stage=vp_stage),
@@ -31,12 +36,13 @@ class MoCGPTModel(GPTModel):
             position_embedding_type="rope",
             rotary_base=rotary_base,
             vp_stage=vp_stage,
+            **extra,
         )
         self.memory_bank = None
         layers = self.memory_layers()
         if layers and config.moc_shared_bank:
-            ep_rank, ep_size, _ = expert_parallel_layout()
-            self.memory_bank = MemoryBank(config, ep_rank, ep_size)
+            groups = memory_groups(getattr(self, "pg_collection", None))
+            self.memory_bank = MemoryBank(config, groups=groups)
             self.memory_bank.pipeline_replica = _bank_pipeline_replica(self)
             for layer in layers:
                 layer.set_shared_bank(self.memory_bank)

@@ -62,11 +62,6 @@ def initialize_bank_groups(model_chunks: Sequence[torch.nn.Module]) -> tuple[int
     return _BANK_GROUP_RANKS
 
 
-def get_bank_group() -> dist.ProcessGroup | None:
-    """This rank's bank group, or ``None`` when its bank has no copy on another rank."""
-    return _BANK_GROUP
-
-
 def bank_has_copies(model_chunks: Sequence[torch.nn.Module]) -> bool:
     """Whether the bank of this rank also lives elsewhere (another rank or another local chunk)."""
     return _BANK_GROUP is not None or len(local_banks(model_chunks)) > 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from datetime import datetime
 
 import torch
@@ -23,6 +24,7 @@ from moc_megatron.memory.aux_losses import (
     chapter_load_statistics,
     pop_chapter_load,
 )
+from moc_megatron.memory.memory_attention import MoCMemoryAttention
 from moc_megatron.training.run_config import RunConfig
 
 
@@ -49,9 +51,23 @@ def _sum_over_pp_and_dp(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def reset_memory_statistics() -> None:
-    """Forget router losses and chapter loads recorded so far (in this process, by any model)."""
-    pop_chapter_load()
+def memory_layers(model: Sequence[torch.nn.Module]) -> list[MoCMemoryAttention]:
+    """The memory-read modules of every local model chunk (wrappers included), in module order."""
+    return [m for chunk in model for m in chunk.modules() if isinstance(m, MoCMemoryAttention)]
+
+
+def reset_memory_statistics(model: Sequence[torch.nn.Module] | None = None) -> None:
+    """Forget router losses, chapter loads and all-to-all bytes recorded so far.
+
+    With ``model`` (the local model chunks) its memory layers' statistics; without, every router alive in
+    this process.
+    """
+    if model is None:
+        pop_chapter_load()
+    else:
+        for layer in memory_layers(model):
+            layer.router.reset_metrics()
+            layer.reset_comm_metrics()
     tracker = get_moe_layer_wise_logging_tracker()
     for name in (LOAD_BALANCE_NAME, Z_LOSS_NAME):
         tracker.pop(name, None)
@@ -80,17 +96,47 @@ def reduce_memory_aux_losses(config: MoCConfig, num_microbatches: int) -> dict[s
     return out
 
 
-def reduce_chapter_load(config: MoCConfig) -> dict[int, torch.Tensor]:
-    """Chapter selection counts per memory layer (0-based layer index) since the last call, all ranks."""
+def reduce_chapter_load(config: MoCConfig, model: Sequence[torch.nn.Module] | None = None
+                        ) -> dict[int, torch.Tensor]:
+    """Chapter selection counts per memory layer (0-based layer index) since the last call, all ranks.
+
+    Gathered from the routers of ``model``'s memory layers (every live router without ``model``) and reset.
+    """
     if not config.has_memory:
         return {}
     layers = sorted(config.moc_memory_layers)
     counts = torch.zeros(len(layers), config.moc_num_routed_chapters, dtype=torch.float64,
                          device=platform.get_device())
-    for layer_number, local in pop_chapter_load().items():
-        counts[layers.index(layer_number - 1)] += local.to(counts.device)
+    if model is None:
+        local = pop_chapter_load().items()
+    else:
+        local = [(m.layer_number, m.router.compute_metrics(reset=True)) for m in memory_layers(model)]
+    for layer_number, loads in local:
+        counts[layers.index(layer_number - 1)] += loads.to(counts.device)
     _sum_over_pp_and_dp(counts)
     return {layer: counts[i].cpu() for i, layer in enumerate(layers)}
+
+
+def reduce_memory_comm(model: Sequence[torch.nn.Module]) -> dict[str, float]:
+    """Bytes the memory all-to-alls sent since the last call (forward, backward), over all ranks; resets them.
+
+    Counted by each memory layer from its dispatch plans (no extra communication during the steps); this
+    reduction is one all-reduce and one max-reduce over the world. Returns ``forward``/``backward`` summed
+    over the ranks that hold memory layers, ``ranks`` (how many do) and ``max_rank`` (the largest total one
+    rank sent).
+    """
+    local = torch.zeros(3, dtype=torch.float64, device=platform.get_device())
+    layers = memory_layers(model)
+    for layer in layers:
+        comm = layer.compute_comm_metrics(reset=True)
+        local[0] += comm.forward
+        local[1] += comm.backward
+    local[2] = float(bool(layers))
+    peak = local[:2].sum().reshape(1)
+    dist.all_reduce(local)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    forward, backward, ranks = local.tolist()
+    return {"forward": forward, "backward": backward, "ranks": ranks, "max_rank": float(peak.item())}
 
 
 def _histogram_by_chapter(writer, tag: str, counts: torch.Tensor, iteration: int) -> None:
@@ -108,9 +154,12 @@ def _histogram_by_chapter(writer, tag: str, counts: torch.Tensor, iteration: int
 class TrainingLogger:
     """Accumulates per-iteration values and emits the log line every ``--log-interval`` iterations."""
 
-    def __init__(self, run: RunConfig, config: MoCConfig) -> None:
+    def __init__(self, run: RunConfig, config: MoCConfig,
+                 model: Sequence[torch.nn.Module] | None = None) -> None:
         self.run = run
         self.config = config
+        self.model = model
+        """The local model chunks whose memory layers hold the router and all-to-all statistics."""
         self.writer = None
         log = run.logging
         if log.tensorboard_dir and is_last_rank():
@@ -155,10 +204,25 @@ class TrainingLogger:
         self.scalar("loss-scale", loss_scale, iteration)
         if iteration % self.run.logging.log_interval:
             return
-        loads = reduce_chapter_load(self.config)
+        loads = reduce_chapter_load(self.config, self.model)
         self._write_chapter_load(loads, iteration)
-        self._print_line(iteration, consumed_samples, grad_norm, learning_rates["backbone"], loss_scale)
+        comm = self._memory_comm(iteration)
+        self._print_line(iteration, consumed_samples, grad_norm, learning_rates["backbone"], loss_scale, comm)
         self._reset()
+
+    def _memory_comm(self, iteration: int) -> str:
+        """Per-step all-to-all bytes of the memory layers (expert parallelism only): TensorBoard and log text."""
+        if self.model is None or not self.config.has_memory or self.config.expert_model_parallel_size == 1:
+            return ""
+        comm = reduce_memory_comm(self.model)
+        steps, ranks = max(self.iterations, 1), max(comm["ranks"], 1.0)
+        forward, backward = comm["forward"] / steps / ranks, comm["backward"] / steps / ranks
+        peak = comm["max_rank"] / steps
+        self.scalar("moc/memory_a2a_bytes_per_rank", forward + backward, iteration)
+        self.scalar("moc/memory_a2a_forward_bytes_per_rank", forward, iteration)
+        self.scalar("moc/memory_a2a_backward_bytes_per_rank", backward, iteration)
+        self.scalar("moc/memory_a2a_max_bytes_per_rank", peak, iteration)
+        return f" memory all-to-all MB per rank: {(forward + backward) / 1e6:.3f} (max {peak / 1e6:.3f}) |"
 
     def _write_chapter_load(self, loads: dict[int, torch.Tensor], iteration: int) -> None:
         if self.writer is None:
@@ -172,7 +236,7 @@ class TrainingLogger:
             self.scalar(f"moc/layer_{layer}/max_chapter_load", stats["max_load"], iteration)
 
     def _print_line(self, iteration: int, consumed_samples: int, grad_norm: float | None, lr: float,
-                    loss_scale: float) -> None:
+                    loss_scale: float, memory_comm: str = "") -> None:
         schedule = self.run.schedule
         elapsed = (time.perf_counter() - self.start - self.excluded) / max(self.iterations, 1)
         tokens_per_second = schedule.global_batch_size * self.run.data.seq_length / elapsed
@@ -187,6 +251,7 @@ class TrainingLogger:
         line += f" global batch size: {schedule.global_batch_size:5d} |"
         for key, total in self.sums.items():
             line += f" {key}: {total / max(self.iterations, 1):.6E} |"
+        line += memory_comm
         line += f" loss scale: {loss_scale:.1f} |"
         if grad_norm is not None:
             line += f" grad norm: {grad_norm:.3f} |"

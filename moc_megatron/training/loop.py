@@ -159,8 +159,8 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
     do_valid = log.eval_iters > 0 and _on_any_rank(valid_ds is not None)
 
-    logger = TrainingLogger(run, config)
-    reset_memory_statistics()  # start the router statistics from this run's first step
+    logger = TrainingLogger(run, config, stack.model)
+    reset_memory_statistics(stack.model)  # start the router statistics from this run's first step
     last_saved = iteration
     print_rank_0(f" > training from iteration {iteration} to {schedule.train_iters}")
     while iteration < schedule.train_iters:
@@ -191,7 +191,7 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
         result.checkpoint = save_checkpoint(run, iteration, stack.model, stack.optimizer, stack.scheduler,
                                             config, settings, consumed, tokenizer_record=record)
     logger.close()
-    reset_memory_statistics()
+    reset_memory_statistics(stack.model)
     if result.checkpoint:
         print_rank_last(_resume_hint(run, result.checkpoint))
     destroy_bank_groups()
