@@ -13,8 +13,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import ChainedOptimizer
 
-from moc_megatron.platform import reshardable_optimizer
-from moc_megatron.training import checkpointing
+from moc_megatron.platform import optimizer_state, reshardable_optimizer
 
 
 def _distributed_optimizer(params: list[torch.nn.Parameter]) -> DistributedOptimizer:
@@ -56,7 +55,7 @@ def test_an_empty_distributed_optimizer_reports_its_chains_step():
     chain = ChainedOptimizer.__new__(ChainedOptimizer)
     chain.chained_optimizers = [dense, empty]
 
-    checkpointing._allow_empty_distributed_optimizers(chain)
+    optimizer_state.allow_empty_distributed_optimizers(chain)
     groups = empty.state_dict()["optimizer"]["param_groups"]
     assert groups and all(group["step"] == 6.0 for group in groups)
 
