@@ -43,12 +43,13 @@ def initialize_optimizer_state(optimizer: MegatronOptimizer) -> None:
 
 
 def _empty_optimizer_state_dict(self) -> dict:
-    """``DistributedOptimizer.state_dict`` for a rank whose optimizer holds no parameter."""
+    """``DistributedOptimizer.state_dict`` for a rank whose optimizer holds no parameter, with the Adam step
+    of the rank's other optimizers (``fully_reshardable`` stores rank 0's param groups for every rank)."""
     inner = self.optimizer.state_dict()
     state = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
     for group in state["optimizer"]["param_groups"]:
         del group["params"]
-        group["step"] = 0  # no parameter has a step; megatron needs one common value
+        group["step"] = self.moc_chain_step  # megatron needs one common value
     if self.grad_scaler:
         state["grad_scaler"] = self.grad_scaler.state_dict()
     return state
@@ -64,10 +65,14 @@ def allow_empty_distributed_optimizers(optimizer: MegatronOptimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     check_megatron_core_version()
-    for sub in _sub_optimizers(optimizer):
+    subs = _sub_optimizers(optimizer)
+    steps = [float(state["step"]) for sub in subs if getattr(sub, "optimizer", None) is not None
+             for state in sub.optimizer.state.values() if "step" in state]
+    for sub in subs:
         inner = getattr(sub, "optimizer", None)
         if isinstance(sub, DistributedOptimizer) and inner is not None and \
                 not any(group["params"] for group in inner.param_groups):
+            sub.moc_chain_step = max(steps, default=0.0)
             sub.state_dict = types.MethodType(_empty_optimizer_state_dict, sub)
 
 

@@ -36,7 +36,7 @@ from moc_megatron.data.tokenizer_record import (
     record_from_checkpoint_state,
 )
 from moc_megatron.model.builder import ModelSettings
-from moc_megatron.platform import optimizer_state
+from moc_megatron.platform import optimizer_state, reshardable_optimizer
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError
 from moc_megatron.training.config_from_args import as_run_config
@@ -114,7 +114,7 @@ def _model_keys(model: list[torch.nn.Module]) -> list[str]:
 
 def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None,
                 scheduler: OptimizerParamScheduler | None, with_rng: bool, run: RunConfig,
-                is_loading: bool) -> dict:
+                is_loading: bool, optimizer_metadata: dict | None = None) -> dict:
     state: dict = {}
     for key, chunk in zip(_model_keys(model), model):
         state[key] = unwrap_model(chunk).sharded_state_dict()
@@ -123,9 +123,10 @@ def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | Non
             optimizer_state.allow_empty_distributed_optimizers(optimizer)
             if is_loading:
                 optimizer_state.initialize_optimizer_state(optimizer)
+                reshardable_optimizer.allow_model_space_load(optimizer)
         model_state = {k: state[k] for k in _model_keys(model)}
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                          metadata=_optimizer_metadata(run))
+        metadata = reshardable_optimizer.sharded_state_dict_metadata(optimizer_metadata or _optimizer_metadata(run))
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_sharded_object()
@@ -172,6 +173,18 @@ def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: 
         meta.publish_checkpoint(root, iteration)
     dist.barrier()
     return final
+
+
+def _same_model_parallel_layout(a: dict, b: dict) -> bool:
+    """Whether two ``parallel_layout()`` records agree in everything but the data-parallel size."""
+    return {k: v for k, v in a.items() if k != "dp"} == {k: v for k, v in b.items() if k != "dp"}
+
+
+def _layout_name(layout: dict) -> str:
+    """``TP=2 x PP=2 x EP=2 (DP=2)`` for a ``parallel_layout()`` record."""
+    name = " x ".join(f"{k.upper()}={layout.get(k)}" for k in ("tp", "pp", "ep"))
+    vpp = f", VPP={layout['vpp']}" if layout.get("vpp") else ""
+    return f"{name} (DP={layout.get('dp')}{vpp})"
 
 
 def _same_folder(a: str | None, b: str | None) -> bool:
@@ -297,19 +310,21 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
     if common.get("saved_rng") and not same_layout and not (ckpt.no_load_rng or ckpt.finetune):
         print_rank_0(f" checkpoint parallel layout {common.get('parallel_layout')} differs from this run's "
                      f"{parallel_layout()}: RNG states not restored")
-    if load_optim and common.get("optimizer_metadata") != _optimizer_metadata(run):
+    # The optimizer state loads in the format it was saved in (as Megatron-LM); only the optimizer kind must agree.
+    saved_optim = common.get("optimizer_metadata") or {}
+    if load_optim and ("distrib_optim_sharding_type" in saved_optim) != bool(run.parallel.use_distributed_optimizer):
         raise CheckpointMismatchError(
-            f"checkpoint {path} stored its optimizer as {common.get('optimizer_metadata')} but this run uses "
-            f"{_optimizer_metadata(run)} (--use-distributed-optimizer / --dist-ckpt-optim-fully-reshardable); "
-            "give the same flags or --no-load-optim")
-    saved_layout = {k: v for k, v in (common.get("parallel_layout") or {}).items() if k != "dp"}
-    this_layout = {k: v for k, v in parallel_layout().items() if k != "dp"}
-    sharding = _optimizer_metadata(run).get("distrib_optim_sharding_type")
-    if load_optim and sharding == "dp_reshardable" and saved_layout != this_layout:
+            f"checkpoint {path} stored its optimizer as {saved_optim} but this run uses {_optimizer_metadata(run)} "
+            "(--use-distributed-optimizer); give the same flag or --no-load-optim")
+    if load_optim and saved_optim.get("distrib_optim_sharding_type") == "dp_reshardable" and \
+            not _same_model_parallel_layout(common.get("parallel_layout") or {}, parallel_layout()):
         raise CheckpointMismatchError(
-            f"checkpoint {path} holds distributed-optimizer state for layout {saved_layout}, which loads only at "
-            f"the same TP/PP/EP/VPP sizes (this run: {this_layout}); use that layout or --no-load-optim")
-    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, run, is_loading=True)
+            f"checkpoint {path} holds distributed-optimizer state saved at {_layout_name(common['parallel_layout'])} "
+            f"(dp_reshardable), which loads only at the same TP/PP/EP/VPP sizes, not at this run's "
+            f"{_layout_name(parallel_layout())}: resume with --no-load-optim (fresh optimizer state) or at the saved "
+            "layout; checkpoints saved with --dist-ckpt-optim-fully-reshardable load at any layout")
+    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, run, is_loading=True,
+                        optimizer_metadata=saved_optim if load_optim else None)
     with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
         warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
         loaded = dist_checkpointing.load(state, path)

@@ -10,9 +10,11 @@ queue first, from a manager whose server asks Linux to kill it when its parent d
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import sys
+from collections.abc import Iterator
 from multiprocessing.managers import SyncManager
 
 _manager: SyncManager | None = None
@@ -26,6 +28,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+@contextlib.contextmanager
+def _entry_script_hidden() -> Iterator[None]:
+    """Start a spawn child without re-running the entry script's imports in it.
+
+    ``spawn`` imports ``__main__`` (by file or module name) in the child: for pretrain_moc.py that is
+    torch, megatron-core and moc_megatron, seconds of CPU per rank at every run's first save. The server
+    needs only this module and the classes of what is put in the queue (imported as it unpickles them).
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    if "__spec__" in saved:
+        main.__spec__ = None
+    if "__file__" in saved:
+        del main.__file__
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
 def install_save_results_queue() -> None:
     """Give megatron-core's async filesystem writer its result queue before it makes its own (idempotent)."""
     global _manager
@@ -36,5 +59,6 @@ def install_save_results_queue() -> None:
     if getattr(filesystem_async, "_results_queue", "missing") is not None:
         return  # already created, or a megatron-core without this global: leave it alone
     _manager = SyncManager(ctx=mp.get_context("spawn"))
-    _manager.start(initializer=_die_with_parent)
+    with _entry_script_hidden():
+        _manager.start(initializer=_die_with_parent)
     filesystem_async._results_queue = _manager.Queue()
