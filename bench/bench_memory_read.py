@@ -204,8 +204,8 @@ def _measure(step, device, iters: int, grad_bytes=None) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak, "param_grad_bytes": grads, "first_s": first, "median_s": statistics.median(times) if times else first,
-            "times_s": times}
+    return {"peak_bytes": peak, "param_grad_bytes": grads, "first_s": first,
+            "median_s": statistics.median(times) if times else first, "times_s": times}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from moc_megatron.kernels.blocked import DEFAULT_BLOCK_ELEMENTS, blocked_backward, blocked_forward
+from moc_megatron.kernels.blocked import blocked_backward, blocked_forward
 from moc_megatron.kernels.chapter_major import Accumulator, chapter_major_backward, chapter_major_forward
 
-PROJECTION_BLOCK_ELEMENTS = 1 << 21
-"""Memory-token elements (chapters x T x bank width) projected at once: 2 Mi (8 MiB in fp32, 42 chapters
+PROJECTION_BLOCK_ELEMENTS = 1 << 19
+"""Memory-token elements (chapters x T x bank width) projected at once: 512 Ki (2 MiB in fp32, 10 chapters
 of 64 x 768). Reads whose chapters with traffic all fit take the one-projection path instead."""
+
+READ_BLOCK_ELEMENTS = 1 << 20
+"""Element budget of one block of the read inside a projection block (1 Mi: 4 MiB in fp32)."""
 
 CHAPTER_MAJOR_QUERIES = 16
 """Units with fewer queries than this (token routing) are read chapter-major, as the Triton kernel does."""
@@ -63,13 +66,16 @@ class _Plan:
     params: list[torch.Tensor]
 
 
-def use_projected_read(impl: str, num_chapters: int, chapter_size: int, bank_dim: int) -> bool:
+def use_projected_read(impl: str, num_chapters: int, chapter_size: int, bank_dim: int, one_block: bool) -> bool:
     """Whether a read with ``impl`` (already resolved) projects its chapters block by block.
 
-    Only ``blocked`` does, and only when the chapters with traffic pass one projection block; ``gather``
-    and ``triton`` always project every chapter with traffic at once.
+    Only ``blocked`` does, and only when the chapters with traffic pass one projection block and the read is not
+    one bounded block anyway (``one_block``: every unit's selected K/V copied once fit the blocked path's
+    one-block budget, as for sequence routing's few long units; their K/V projected at once are no larger).
+    ``gather`` and ``triton`` always project every chapter with traffic at once.
     """
-    return impl == "blocked" and num_chapters * chapter_size * bank_dim > PROJECTION_BLOCK_ELEMENTS
+    return (impl == "blocked" and not one_block
+            and num_chapters * chapter_size * bank_dim > PROJECTION_BLOCK_ELEMENTS)
 
 
 def _blocks(sources: Sequence[ChapterSource], budget: int):
@@ -248,7 +254,7 @@ def projected_chapter_attention(query: torch.Tensor, weights: torch.Tensor, sele
                                 sources: Sequence[ChapterSource],
                                 project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                                 params: Sequence[torch.Tensor], gating: str, softmax_scale: float,
-                                need_lse: bool = True, read_budget: int = DEFAULT_BLOCK_ELEMENTS,
+                                need_lse: bool = True, read_budget: int | None = None,
                                 projection_budget: int | None = None):
     """:func:`chapter_attention` of ``query`` over chapters given as bank rows, projected block by block.
 
@@ -259,7 +265,7 @@ def projected_chapter_attention(query: torch.Tensor, weights: torch.Tensor, sele
         project: normalised memory tokens ``[c, T, d]`` -> ``(keys, values)`` ``[c, T, g, e]``, through the
             layer's own linears.
         params: the parameters ``project`` and the norms use (their gradients are returned once).
-        read_budget: element budget of one block of the read (see :mod:`moc_megatron.kernels.blocked`).
+        read_budget: element budget of one block of the read (default :data:`READ_BLOCK_ELEMENTS`).
         projection_budget: memory-token elements projected at once (default :data:`PROJECTION_BLOCK_ELEMENTS`).
 
     Returns:
@@ -268,7 +274,8 @@ def projected_chapter_attention(query: torch.Tensor, weights: torch.Tensor, sele
     if gating not in ("paper", "mixture"):
         raise ValueError(f"unknown gating {gating!r}")
     banks = list({id(s.bank): s.bank for s in sources}.values())
-    plan = _Plan(list(sources), project, gating, softmax_scale, read_budget,
+    plan = _Plan(list(sources), project, gating, softmax_scale,
+                 READ_BLOCK_ELEMENTS if read_budget is None else read_budget,
                  PROJECTION_BLOCK_ELEMENTS if projection_budget is None else projection_budget, banks, list(params))
     out, lse = _ProjectedRead.apply(query, weights, selected, plan, *plan.banks, *plan.params)
     return out, (lse if need_lse else None)

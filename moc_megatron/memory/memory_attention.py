@@ -24,7 +24,7 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.kernels.projected import ChapterSource, projected_chapter_attention, use_projected_read
 from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
-from moc_megatron.memory.chapter_attention import chapter_attention, resolve_impl
+from moc_megatron.memory.chapter_attention import chapter_attention, fits_one_block, resolve_impl
 from moc_megatron.memory.dispatcher import ChapterDispatcher
 from moc_megatron.memory.router import ChapterRouter, chapter_weights, pool_routing_units
 from moc_megatron.model.norm import MemoryRMSNorm
@@ -181,7 +181,9 @@ class MoCMemoryAttention(MegatronModule):
         # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied after the
         # cat: megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
         weights = copy_to_tensor_model_parallel_region(weights)
-        if self._projected(query, num_shared + used.numel()):
+        one_block = self.config.moc_gating == "paper" and fits_one_block(self.num_groups, self.head_dim,
+                                                                         self.config.moc_chapter_size, selected)
+        if self._projected(query, num_shared + used.numel(), one_block):
             out, _ = projected_chapter_attention(query, weights, selected, self._sources(used, num_shared > 0),
                                                  self._project, self._projection_params(), self.config.moc_gating,
                                                  self.softmax_scale, need_lse=False)
@@ -209,10 +211,12 @@ class MoCMemoryAttention(MegatronModule):
         lookup[used] = torch.arange(used.numel(), device=used.device)
         return used, torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
 
-    def _projected(self, query: torch.Tensor, num_chapters: int) -> bool:
-        """Whether the read of ``num_chapters`` chapters projects them block by block (blocked path, many chapters)."""
+    def _projected(self, query: torch.Tensor, num_chapters: int, one_block: bool = False) -> bool:
+        """Whether the read of ``num_chapters`` chapters projects them block by block (blocked path, many chapters;
+        ``one_block``: the whole read is one bounded block, see :func:`use_projected_read`)."""
         impl = resolve_impl(self.config.moc_attention_impl, query)
-        return use_projected_read(impl, num_chapters, self.config.moc_chapter_size, self.config.moc_bank_dim)
+        return use_projected_read(impl, num_chapters, self.config.moc_chapter_size, self.config.moc_bank_dim,
+                                  one_block)
 
     def _sources(self, used: torch.Tensor, shared: bool) -> list[ChapterSource]:
         """The chapters a unit's ``selected`` indexes: the shared ones (if ``shared``), then the routed ``used``."""

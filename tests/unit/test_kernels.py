@@ -366,7 +366,7 @@ def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
     """The whole layer with the blocked path's projection blocks of two chapters (megatron's linears, RMSNorms,
     router, shared + routed chapters, GQA) against gather: output and every gradient."""
     from moc_megatron.config import MoCConfig
-    from moc_megatron.kernels import projected
+    from moc_megatron.kernels import blocked, projected
     from moc_megatron.memory.memory_attention import MoCMemoryAttention
 
     config = MoCConfig(num_layers=1, hidden_size=32, num_attention_heads=4, moc_memory_layers=[0],
@@ -387,6 +387,7 @@ def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
     monkeypatch.setattr(projected._ProjectedRead, "forward",
                         staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
     monkeypatch.setattr(projected, "PROJECTION_BLOCK_ELEMENTS", 2 * 8 * 32)
+    monkeypatch.setattr(blocked, "ONE_BLOCK_COPY_ELEMENTS", 0)  # else sequence routing reads as one SDPA block
     results = {}
     for impl in ("gather", "blocked"):
         config.moc_attention_impl = impl
