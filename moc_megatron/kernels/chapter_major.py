@@ -1,4 +1,4 @@
-"""Chapter-major chapter attention in plain PyTorch, for units with few queries (token routing).
+"""Chapter-major chapter attention in plain PyTorch, for units with few queries (token and chunk routing).
 
 A unit with one query reading its chapters one by one gives ``1 x T`` score tiles and copies each chapter's
 keys/values once per unit. Here the (unit, slot) pairs are grouped by chapter instead (an inverted index, as
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 TILE_PAIRS = 64
-"""At most this many (unit, slot) pairs of one chapter per tile (a chapter read more often gets several)."""
+"""At most this many (unit, slot) pairs of one chapter per tile (a chapter read more often gets several); fewer
+when the pairs' rows (queries x heads) would pass the element budget."""
 
 
 class Accumulator:
@@ -88,20 +89,22 @@ class ChapterPlan:
         if chapter.numel() == 0:
             return
         c = int(selected.max()) + 1
+        # Per tile row (one pair): scores, probabilities and their gradients (T each), query, output and
+        # gradients (e each); plus the tile's K/V and their gradients. A tile holds as many pairs as fit the
+        # budget, at most TILE_PAIRS (units of many queries get smaller tiles).
+        per_row = u * h * (4 * t + 4 * e)
+        per_tile_kv = 4 * t * g * e
+        size = max(1, min(TILE_PAIRS, (budget - per_tile_kv) // per_row))
         counts = torch.bincount(chapter, minlength=c)
         starts = torch.cumsum(counts, 0) - counts
-        tiles = (counts + TILE_PAIRS - 1) // TILE_PAIRS
+        tiles = (counts + size - 1) // size
         tile_chapter = torch.repeat_interleave(torch.arange(c, device=selected.device), tiles)
         first_tile = torch.cumsum(tiles, 0) - tiles
         j = torch.arange(tile_chapter.numel(), device=selected.device) - first_tile[tile_chapter]
-        tile_start = starts[tile_chapter] + j * TILE_PAIRS
-        tile_size = torch.clamp(counts[tile_chapter] - j * TILE_PAIRS, max=TILE_PAIRS)
+        tile_start = starts[tile_chapter] + j * size
+        tile_size = torch.clamp(counts[tile_chapter] - j * size, max=size)
         by_size = torch.argsort(tile_size, descending=True, stable=True)
         sizes = tile_size[by_size].tolist()
-        # Per tile row: scores, probabilities and their gradients (T each), query, output and gradients (e each),
-        # plus the tile's K/V (and their gradients).
-        per_row = u * h * (4 * t + 4 * e)
-        per_tile_kv = 4 * t * g * e
         i = 0
         while i < len(sizes):
             rows = sizes[i]

@@ -6,7 +6,7 @@ gradients: about 200 MB each at 1,025 chapters of 64 x 768). Here the chapters w
 blocks of at most :data:`PROJECTION_BLOCK_ELEMENTS` memory-token elements: each block's bank rows go through
 the layer's own norm and ``linear_k``/``linear_v`` modules (whatever the spec built: megatron's or TE's
 linears), the units that selected a chapter of the block read it (units with many queries: the blocked
-online softmax of :mod:`moc_megatron.kernels.blocked`; units with few queries: the chapter-major tiles of
+online softmax of :mod:`moc_megatron.kernels.blocked`; units of fewer than 128 queries: the chapter-major tiles of
 :mod:`moc_megatron.kernels.chapter_major`), and the partials are merged exactly by their log-sum-exps (paper
 gating: the same single softmax over all selected tokens) or summed (mixture).
 
@@ -37,8 +37,11 @@ of 64 x 768). Reads whose chapters with traffic all fit take the one-projection 
 READ_BLOCK_ELEMENTS = 1 << 20
 """Element budget of one block of the read inside a projection block (1 Mi: 4 MiB in fp32)."""
 
-CHAPTER_MAJOR_QUERIES = 16
-"""Units with fewer queries than this (token routing) are read chapter-major, as the Triton kernel does."""
+CHAPTER_MAJOR_QUERIES = 128
+"""Units with fewer queries than this (token and chunk routing) read a projection block chapter-major (each
+chapter's K/V once per tile of units); longer units (sequence routing) read it unit by unit with the online
+softmax. Measured on the CPU at the issue's chunk shapes (64-query units): chapter-major 10.6 s, unit-major
+14 s per layer forward+backward."""
 
 
 @dataclass

@@ -273,20 +273,26 @@ PROJECTED_NAMES = ["out", "lse", "dq", "dweights", "dshared_bank", "drouted_bank
 
 PROJECTED_CASES = [("one-chapter", n) for n in ("chunk-ragged", "token-gqa", "t12-token")] + [
     ("three-chapters-hot-split", n) for n in ("sequence-gqa", "chunk-ragged", "token-gqa", "k64", "t12-token")] + [
-    ("all", n) for n in ("sequence-gqa", "token-gqa")]
+    ("all", n) for n in ("sequence-gqa", "token-gqa")] + [
+    ("unit-major", n) for n in ("sequence-gqa", "chunk-ragged", "k64")]
 
 
 @pytest.mark.parametrize("gating", ["paper", "mixture"])
 @pytest.mark.parametrize("blocks, name", PROJECTED_CASES, ids=[f"{b}-{n}" for b, n in PROJECTED_CASES])
 def test_projected_read_matches_gather(name, gating, blocks, monkeypatch):
-    """Projection blocks of 1 or 3 chapters (tiles of 2 pairs, tiny read budget) or all chapters, against gather."""
-    from moc_megatron.kernels import chapter_major
+    """Projection blocks of 1 or 3 chapters (tiles of 2 pairs, tiny read budget) or all chapters, read chapter-major,
+    or blocks of 3 chapters read unit by unit (the schedule of units of >= 128 queries), against gather."""
+    from moc_megatron.kernels import chapter_major, projected
 
     case = CASES[name]
     problem = _projected_problem(case)
     per_chapter = case.t * 24
-    budget = {"one-chapter": per_chapter, "three-chapters-hot-split": 3 * per_chapter, "all": 1 << 30}[blocks]
+    budget = {"one-chapter": per_chapter, "three-chapters-hot-split": 3 * per_chapter, "all": 1 << 30,
+              "unit-major": 3 * per_chapter}[blocks]
     read_budget = 1 << 22
+    if blocks == "unit-major":
+        monkeypatch.setattr(projected, "CHAPTER_MAJOR_QUERIES", 1)
+        read_budget = 3000
     if blocks == "three-chapters-hot-split":
         monkeypatch.setattr(chapter_major, "TILE_PAIRS", 2)  # the hot chapter 0 gets several tiles
         read_budget = 3000  # several tile groups / unit blocks per projection block
@@ -388,6 +394,8 @@ def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
                         staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
     monkeypatch.setattr(projected, "PROJECTION_BLOCK_ELEMENTS", 2 * 8 * 32)
     monkeypatch.setattr(blocked, "ONE_BLOCK_COPY_ELEMENTS", 0)  # else sequence routing reads as one SDPA block
+    if unit == "sequence":  # sequence units read unit by unit (their schedule at >= 128 queries), others chapter-major
+        monkeypatch.setattr(projected, "CHAPTER_MAJOR_QUERIES", 1)
     results = {}
     for impl in ("gather", "blocked"):
         config.moc_attention_impl = impl
