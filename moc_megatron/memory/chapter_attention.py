@@ -78,7 +78,8 @@ def chapter_attention(
     if gating not in ("paper", "mixture"):
         raise ValueError(f"unknown gating {gating!r}")
     impl = resolve_impl(impl, query)
-    if impl == "blocked" and not need_lse and gating == "paper" and _fits_one_block(query, keys, selected):
+    if impl == "blocked" and not need_lse and gating == "paper" and fits_one_block(
+            keys.shape[2], keys.shape[3], keys.shape[1], selected):
         # The whole read is one bounded block (sequence routing: a few long units): one fused
         # scaled_dot_product_attention over it, which is itself a blocked online softmax.
         impl = "gather"
@@ -92,12 +93,14 @@ def chapter_attention(
     return _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse)
 
 
-def _fits_one_block(query: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor) -> bool:
-    """Whether every unit's selected keys and values, copied once, stay within the blocked path's copy budget."""
+def fits_one_block(num_groups: int, head_dim: int, chapter_size: int,
+                   selected: torch.Tensor) -> bool:
+    """Whether every unit's selected keys and values, copied once, stay within the blocked path's copy budget
+    (``ONE_BLOCK_COPY_ELEMENTS``) and every slot is valid: the blocked path then reads them as one fused SDPA."""
     from moc_megatron.kernels.blocked import ONE_BLOCK_COPY_ELEMENTS
 
     n, k = selected.shape
-    copy = 2 * n * k * keys.shape[1] * keys.shape[2] * keys.shape[3]
+    copy = 2 * n * k * chapter_size * num_groups * head_dim
     return copy <= ONE_BLOCK_COPY_ELEMENTS and bool((selected >= 0).all())
 
 

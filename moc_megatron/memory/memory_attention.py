@@ -20,9 +20,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.kernels.projected import ChapterSource, projected_chapter_attention, use_projected_read
 from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
-from moc_megatron.memory.chapter_attention import chapter_attention
+from moc_megatron.memory.chapter_attention import chapter_attention, fits_one_block, resolve_impl
 from moc_megatron.memory.dispatcher import CommBytes, all_to_all_bytes, make_dispatcher
 from moc_megatron.memory.router import ChapterRouter, chapter_weights
 from moc_megatron.memory.units import RoutingUnits
@@ -142,9 +143,7 @@ class MoCMemoryAttention(MegatronModule):
             shared_w = copy_to_tensor_model_parallel_region(shared_w)
             routed_w = copy_to_tensor_model_parallel_region(routed_w)
             sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
-            keys, values, selected = self._routed_keys_values(sent.local_chapters)
-            routed = chapter_attention(sent.query, keys, values, selected, sent.weights, cfg.moc_gating,
-                                       self.softmax_scale, impl=cfg.moc_attention_impl)
+            routed = self._routed_partial(sent.query, sent.local_chapters, sent.weights)
             shared = self._shared_partial(query, shared_w)
             out = self.dispatcher.combine(sent.plan, *routed, extra=shared)
             if training:
@@ -174,21 +173,30 @@ class MoCMemoryAttention(MegatronModule):
         """The read when every chapter lives on this rank: shared and routed chapters in one attention call.
 
         The same single softmax over all selected tokens as the dispatched path, without partials to
-        merge: K/V of the shared chapters and of every routed chapter with traffic are projected in one
-        matmul, and each unit reads its shared chapters followed by its routed ones.
+        merge: each unit reads its shared chapters followed by its routed ones. K/V of the shared chapters
+        and of every routed chapter with traffic are projected in one matmul, or, on the blocked path when
+        they pass one projection block, block by block inside the read (:mod:`moc_megatron.kernels.projected`).
         """
         used, selected = self._chapters_with_traffic(chapters)
-        tokens = self.routed_norm(self.bank.routed_rows(used))
         weights = routed_w
         num_shared = self.config.moc_num_shared_chapters
         if num_shared:
-            tokens = torch.cat([self.shared_norm(self.bank.shared), tokens])
             shared_sel = torch.arange(num_shared, device=chapters.device).expand(chapters.shape[0], num_shared)
             selected = torch.cat([shared_sel, selected + num_shared], dim=1)
             weights = torch.cat([shared_w, routed_w], dim=1)
         # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied after the
         # cat: megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
         weights = copy_to_tensor_model_parallel_region(weights)
+        one_block = self.config.moc_gating == "paper" and fits_one_block(self.num_groups, self.head_dim,
+                                                                         self.config.moc_chapter_size, selected)
+        if self._projected(query, num_shared + used.numel(), one_block):
+            out, _ = projected_chapter_attention(query, weights, selected, self._sources(used, num_shared > 0),
+                                                 self._project, self._projection_params(), self.config.moc_gating,
+                                                 self.softmax_scale, need_lse=False)
+            return out
+        tokens = self.routed_norm(self.bank.routed_rows(used))
+        if num_shared:
+            tokens = torch.cat([self.shared_norm(self.bank.shared), tokens])
         keys, values = self._project(tokens)
         out, _ = chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
                                    self.softmax_scale, need_lse=False, impl=self.config.moc_attention_impl)
@@ -208,6 +216,38 @@ class MoCMemoryAttention(MegatronModule):
         lookup = torch.full((self.bank.num_local_routed,), -1, dtype=torch.long, device=used.device)
         lookup[used] = torch.arange(used.numel(), device=used.device)
         return used, torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
+
+    def _projected(self, query: torch.Tensor, num_chapters: int, one_block: bool = False) -> bool:
+        """Whether the read of ``num_chapters`` chapters projects them block by block (blocked path, many chapters;
+        ``one_block``: the whole read is one bounded block, see :func:`use_projected_read`)."""
+        impl = resolve_impl(self.config.moc_attention_impl, query)
+        return use_projected_read(impl, num_chapters, self.config.moc_chapter_size, self.config.moc_bank_dim,
+                                  one_block)
+
+    def _sources(self, used: torch.Tensor, shared: bool) -> list[ChapterSource]:
+        """The chapters a unit's ``selected`` indexes: the shared ones (if ``shared``), then the routed ``used``."""
+        bank = self.bank
+        routed = ChapterSource(bank.routed, used, self.routed_norm)
+        if not shared:
+            return [routed]
+        ids = torch.arange(bank.shared.shape[0], device=used.device)
+        return [ChapterSource(bank.shared, ids, self.shared_norm), routed]
+
+    def _projection_params(self) -> list[torch.Tensor]:
+        """Parameters of the K/V projections and the memory norms (their gradients flow through the read)."""
+        modules = (self.linear_k, self.linear_v, self.routed_norm, self.shared_norm)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _routed_partial(self, query: torch.Tensor, local_chapters: torch.Tensor, weights: torch.Tensor):
+        """``(out, lse)`` of ``query``'s read of its local routed chapters (``-1``: elsewhere), for the merge."""
+        used, selected = self._chapters_with_traffic(local_chapters)
+        if self._projected(query, used.numel()):
+            return projected_chapter_attention(query, weights, selected, self._sources(used, False), self._project,
+                                               self._projection_params(), self.config.moc_gating,
+                                               self.softmax_scale)
+        keys, values = self._project(self.routed_norm(self.bank.routed_rows(used)))
+        return chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
+                                 self.softmax_scale, impl=self.config.moc_attention_impl)
 
     def _routed_keys_values(self, local_chapters: torch.Tensor):
         """K/V once for every local chapter with traffic, and the units' indices into them."""

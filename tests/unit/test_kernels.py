@@ -191,3 +191,219 @@ def test_memory_layer_same_with_every_impl(unit, gating):
     for impl in impls[1:]:
         for got, want in zip(results[impl], results["gather"]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- the layer's read with the K/V projection inside the blocks (moc_megatron/kernels/projected.py) ---------
+
+
+def _projected_problem(case: Case, seed: int = 0, dtype=torch.float32):
+    """Query, weights, selection over 2 shared + ``case.c`` routed chapters (a shuffled subset of a larger bank),
+    and the modules that project them."""
+    from moc_megatron.kernels.projected import ChapterSource
+
+    q, _, _, selected, weights = make_inputs(Case(**{**case.__dict__, "c": case.c + 2}), dtype, seed=seed)
+    d = 24
+    gen = torch.Generator().manual_seed(seed + 7)
+    shared = torch.nn.Parameter(torch.randn(2, case.t, d, generator=gen, dtype=dtype))
+    routed = torch.nn.Parameter(torch.randn(case.c + 5, case.t, d, generator=gen, dtype=dtype))
+    ids = torch.randperm(case.c + 5, generator=gen)[: case.c]
+    norms = [torch.nn.RMSNorm(d, dtype=dtype), torch.nn.RMSNorm(d, dtype=dtype)]
+    lk = torch.nn.Linear(d, case.g * case.e, bias=False, dtype=dtype)
+    lv = torch.nn.Linear(d, case.g * case.e, bias=False, dtype=dtype)
+    with torch.no_grad():
+        for m in (*norms, lk, lv):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=dtype) * 0.3 + (1.0 if m in norms else 0))
+
+    def project(tokens):
+        c, t, _ = tokens.shape
+        return lk(tokens).view(c, t, case.g, case.e), lv(tokens).view(c, t, case.g, case.e)
+
+    sources = [ChapterSource(shared, torch.arange(2), norms[0]), ChapterSource(routed, ids, norms[1])]
+    params = [lk.weight, lv.weight, norms[0].weight, norms[1].weight]
+    return q, weights, selected, sources, project, params, [shared, routed]
+
+
+def _projected_run(fn, problem, gating, need_lse=True):
+    """Output, log-sum-exp and the gradients of query, weights, banks and module parameters under a random loss."""
+    q, weights, selected, sources, project, params, banks = problem
+    q = q.detach().clone().requires_grad_(True)
+    weights = weights.detach().clone().requires_grad_(True)
+    for p in params + banks:
+        p.grad = None
+    out, lse = fn(q, weights, selected, sources, project, params, gating)
+    gen = torch.Generator().manual_seed(5)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    if lse is not None and need_lse:
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * torch.randn(lse.shape, generator=gen)).sum()
+    loss.backward()
+    grads = [x.grad.clone() if x.grad is not None else torch.zeros_like(x) for x in [q, weights, *banks, *params]]
+    return [out.detach(), None if lse is None else lse.detach(), *grads]
+
+
+def _projected_reference(q, weights, selected, sources, project, params, gating):
+    """Every chapter projected at once (the one-projection path), then the gather reference."""
+    tokens = torch.cat([s.norm(s.bank[s.ids]) for s in sources])
+    keys, values = project(tokens)
+    return chapter_attention(q, keys, values, selected, weights, gating, 0.37, impl="gather")
+
+
+def _projected(projection_budget, read_budget=1 << 22):
+    from moc_megatron.kernels.projected import projected_chapter_attention
+
+    def run(q, weights, selected, sources, project, params, gating):
+        return projected_chapter_attention(q, weights, selected, sources, project, params, gating, 0.37,
+                                           read_budget=read_budget, projection_budget=projection_budget)
+
+    return run
+
+
+def _assert_lists_close(got, want, names, atol=1e-5, rtol=1e-5):
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: -inf pattern differs"
+        fin = ~torch.isinf(b)
+        torch.testing.assert_close(a[fin], b[fin], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+PROJECTED_NAMES = ["out", "lse", "dq", "dweights", "dshared_bank", "drouted_bank", "dW_K", "dW_V", "dshared_norm",
+                   "drouted_norm"]
+
+
+PROJECTED_CASES = [("one-chapter", n) for n in ("chunk-ragged", "token-gqa", "t12-token")] + [
+    ("three-chapters-hot-split", n) for n in ("sequence-gqa", "chunk-ragged", "token-gqa", "k64", "t12-token")] + [
+    ("all", n) for n in ("sequence-gqa", "token-gqa")] + [
+    ("unit-major", n) for n in ("sequence-gqa", "chunk-ragged", "k64")]
+
+
+@pytest.mark.parametrize("gating", ["paper", "mixture"])
+@pytest.mark.parametrize("blocks, name", PROJECTED_CASES, ids=[f"{b}-{n}" for b, n in PROJECTED_CASES])
+def test_projected_read_matches_gather(name, gating, blocks, monkeypatch):
+    """Projection blocks of 1 or 3 chapters (tiles of 2 pairs, tiny read budget) or all chapters, read chapter-major,
+    or blocks of 3 chapters read unit by unit (the schedule of units of >= 128 queries), against gather."""
+    from moc_megatron.kernels import chapter_major, projected
+
+    case = CASES[name]
+    problem = _projected_problem(case)
+    per_chapter = case.t * 24
+    budget = {"one-chapter": per_chapter, "three-chapters-hot-split": 3 * per_chapter, "all": 1 << 30,
+              "unit-major": 3 * per_chapter}[blocks]
+    read_budget = 1 << 22
+    if blocks == "unit-major":
+        monkeypatch.setattr(projected, "CHAPTER_MAJOR_QUERIES", 1)
+        read_budget = 3000
+    if blocks == "three-chapters-hot-split":
+        monkeypatch.setattr(chapter_major, "TILE_PAIRS", 2)  # the hot chapter 0 gets several tiles
+        read_budget = 3000  # several tile groups / unit blocks per projection block
+    want = _projected_run(_projected_reference, problem, gating)
+    got = _projected_run(_projected(budget, read_budget), problem, gating)
+    assert want[4].abs().sum() > 0 and want[5].abs().sum() > 0 and want[8].abs().sum() > 0
+    _assert_lists_close(got, want, PROJECTED_NAMES)
+
+
+@pytest.mark.parametrize("gating", ["paper", "mixture"])
+def test_projected_read_float64_exact(gating):
+    problem = _projected_problem(CASES["token-gqa"], dtype=torch.float64)
+    want = _projected_run(_projected_reference, problem, gating)
+    got = _projected_run(_projected(8 * 24), problem, gating)
+    _assert_lists_close(got, want, PROJECTED_NAMES, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gating", ["paper", "mixture"])
+@pytest.mark.parametrize("name", ["chunk-ragged", "token-gqa"])
+def test_projected_partials_from_two_owners_merge_to_the_full_read(name, gating):
+    """Expert parallelism: each owner reads its own chapters block by block; the merged partials are the full read."""
+    case = Case(**{**CASES[name].__dict__, "empty": 0.0, "unit_without_chapter": False})
+    q, weights, selected, sources, project, params, banks = _projected_problem(case, seed=4)
+    problem = (q, weights, selected, sources, project, params, banks)
+    want = _projected_run(_projected_reference, problem, gating, need_lse=False)
+    read = _projected(case.t * 24)
+
+    def split(q, weights, selected, sources, project, params, gating):
+        owner = selected % 2
+        parts = [read(q, weights, torch.where(owner == r, selected, -1), sources, project, params, gating)
+                 for r in range(2)]
+        lses = None if gating == "mixture" else torch.cat([p[1] for p in parts])
+        index = torch.arange(q.shape[0]).repeat(2)
+        return merge_partials(torch.cat([p[0] for p in parts]), lses, index, q.shape[0]), None
+
+    got = _projected_run(split, problem, gating)
+    _assert_lists_close(got[:1] + got[2:], want[:1] + want[2:], PROJECTED_NAMES[:1] + PROJECTED_NAMES[2:])
+
+
+def test_projected_read_projects_bounded_blocks_and_fires_each_accumulator_once():
+    """At most one block of chapters is projected at a time (forward, then again in backward), the bank's rows land
+    in megatron DDP's main_grad, and every parameter's gradient accumulator fires once (DDP's grad-ready hook)."""
+    case = CASES["token-gqa"]
+    q, weights, selected, sources, project, params, banks = _projected_problem(case)
+    sizes = []
+
+    def counting_project(tokens):
+        sizes.append(tokens.shape[0])
+        return project(tokens)
+
+    want = _projected_run(_projected_reference, (q, weights, selected, sources, project, params, banks), "paper")
+    routed = banks[1]
+    routed.main_grad = torch.zeros_like(routed)
+    routed.grad_added_to_main_grad = False
+    fired = {}
+    keep = []
+    for i, p in enumerate(params + banks):
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+        acc.register_hook(lambda *_, i=i: fired.__setitem__(i, fired.get(i, 0) + 1))
+        keep.append(acc)
+    got = _projected_run(_projected(3 * case.t * 24), (q, weights, selected, sources, counting_project, params, banks),
+                         "paper")
+    blocks_per_pass = 1 + -(-case.c // 3)  # the shared chapters are one block, the routed ones 3 at a time
+    assert len(sizes) == 2 * blocks_per_pass and max(sizes) <= 3
+    assert routed.grad_added_to_main_grad
+    torch.testing.assert_close(routed.main_grad, want[5], atol=1e-5, rtol=1e-5)
+    # W_K, W_V, both norms and the routed bank (main_grad: a placeholder keeps DDP's hook firing) fire once each.
+    assert [fired.get(i) for i in range(len(params))] == [1] * len(params) and fired.get(len(params) + 1) == 1, fired
+    _assert_lists_close(got[:5] + got[6:], want[:5] + want[6:], PROJECTED_NAMES[:5] + PROJECTED_NAMES[6:])
+    del routed.main_grad, routed.grad_added_to_main_grad
+
+
+@pytest.mark.usefixtures("mcore_world")
+@pytest.mark.parametrize("unit", ["sequence", "chunk", "token"])
+@pytest.mark.parametrize("gating", ["paper", "mixture"])
+def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
+    """The whole layer with the blocked path's projection blocks of two chapters (megatron's linears, RMSNorms,
+    router, shared + routed chapters, GQA) against gather: output and every gradient."""
+    from moc_megatron.config import MoCConfig
+    from moc_megatron.kernels import blocked, projected
+    from moc_megatron.memory.memory_attention import MoCMemoryAttention
+
+    config = MoCConfig(num_layers=1, hidden_size=32, num_attention_heads=4, moc_memory_layers=[0],
+                       moc_num_chapters=9, moc_num_shared_chapters=1, moc_top_k=3, moc_chapter_size=8,
+                       moc_num_query_groups=2, moc_shared_bank=False, moc_routing_unit=unit, moc_chunk_size=5,
+                       moc_gating=gating, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    module = MoCMemoryAttention(config, layer_number=1).eval()
+    with torch.no_grad():
+        module.linear_o.weight.normal_(0, 0.2)
+        module.router.bias.normal_(0, 0.5)
+        module.routed_norm.weight.normal_(1, 0.2)
+        module.shared_norm.weight.normal_(1, 0.2)
+    hidden = torch.randn(12, 2, 32)
+    probe = torch.randn(12, 2, 32)
+    calls = []
+    original = projected._ProjectedRead.forward
+    monkeypatch.setattr(projected._ProjectedRead, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    monkeypatch.setattr(projected, "PROJECTION_BLOCK_ELEMENTS", 2 * 8 * 32)
+    monkeypatch.setattr(blocked, "ONE_BLOCK_COPY_ELEMENTS", 0)  # else sequence routing reads as one SDPA block
+    if unit == "sequence":  # sequence units read unit by unit (their schedule at >= 128 queries), others chapter-major
+        monkeypatch.setattr(projected, "CHAPTER_MAJOR_QUERIES", 1)
+    results = {}
+    for impl in ("gather", "blocked"):
+        config.moc_attention_impl = impl
+        x = hidden.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        out, _ = module(x)
+        (out * probe).sum().backward()
+        results[impl] = [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+    assert calls == [1], "the blocked path should have projected block by block"
+    names = ["out", "input"] + [n for n, _ in module.named_parameters()]
+    _assert_lists_close(results["blocked"], results["gather"], names)
