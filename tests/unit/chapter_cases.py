@@ -77,14 +77,20 @@ def forward_backward(impl, inputs, gating: str, scale: float = 0.37, lse_grad: b
     return (out.detach(), None if lse is None else lse.detach(), *grads)
 
 
-def assert_same(got, want, atol: float = 1e-5, rtol: float = 1e-5) -> None:
-    """``got`` and ``want`` from :func:`forward_backward` agree elementwise (``-inf`` log-sum-exps included)."""
-    names = ["out", "lse", "dq", "dkeys", "dvalues", "dweights"]
+FORWARD_BACKWARD_NAMES = ("out", "lse", "dq", "dkeys", "dvalues", "dweights")
+
+
+def assert_same(got, want, atol: float = 1e-5, rtol: float = 1e-5, names=FORWARD_BACKWARD_NAMES) -> None:
+    """``got`` and ``want`` (by default from :func:`forward_backward`) agree elementwise, ``-inf`` included.
+
+    Half-precision tensors are compared in fp32; fp32 and fp64 at their own precision.
+    """
     for name, a, b in zip(names, got, want):
         if b is None:
             assert a is None, name
             continue
         assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: -inf pattern differs"
         fin = ~torch.isinf(b)
-        torch.testing.assert_close(a[fin].float(), b[fin].float(), atol=atol, rtol=rtol,
+        up = torch.promote_types(b.dtype, torch.float32)
+        torch.testing.assert_close(a[fin].to(up), b[fin].to(up), atol=atol, rtol=rtol,
                                    msg=lambda m, n=name: f"{n}: {m}")

@@ -160,11 +160,8 @@ def test_impl_switch_resolution_and_errors(monkeypatch):
             resolve_impl("triton", q)
 
 
-@pytest.mark.usefixtures("mcore_world")
-@pytest.mark.parametrize("unit", ["sequence", "chunk", "token"])
-@pytest.mark.parametrize("gating", ["paper", "mixture"])
-def test_memory_layer_same_with_every_impl(unit, gating):
-    """The whole memory read (shared + routed chapters, GQA memory heads) with each impl against gather."""
+def _small_memory_layer(unit: str, gating: str):
+    """A one-layer memory read (shared + routed chapters, GQA memory heads) with a non-zero W_O and router bias."""
     from moc_megatron.config import MoCConfig
     from moc_megatron.memory.memory_attention import MoCMemoryAttention
 
@@ -177,17 +174,29 @@ def test_memory_layer_same_with_every_impl(unit, gating):
     with torch.no_grad():
         module.linear_o.weight.normal_(0, 0.2)
         module.router.bias.normal_(0, 0.5)
+    return config, module
+
+
+def _layer_forward_backward(config, module, impl: str, hidden: torch.Tensor, probe: torch.Tensor) -> list:
+    """Output, input gradient and every parameter gradient of ``module`` with ``impl``."""
+    config.moc_attention_impl = impl
+    x = hidden.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out, _ = module(x)
+    (out * probe).sum().backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.usefixtures("mcore_world")
+@pytest.mark.parametrize("unit", ["sequence", "chunk", "token"])
+@pytest.mark.parametrize("gating", ["paper", "mixture"])
+def test_memory_layer_same_with_every_impl(unit, gating):
+    """The whole memory read (shared + routed chapters, GQA memory heads) with each impl against gather."""
+    config, module = _small_memory_layer(unit, gating)
     hidden = torch.randn(12, 2, 32)
     probe = torch.randn(12, 2, 32)
     impls = ["gather", "blocked"] + (["triton"] if INTERPRETED else [])
-    results = {}
-    for impl in impls:
-        config.moc_attention_impl = impl
-        x = hidden.clone().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
-        out, _ = module(x)
-        (out * probe).sum().backward()
-        results[impl] = [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+    results = {impl: _layer_forward_backward(config, module, impl, hidden, probe) for impl in impls}
     for impl in impls[1:]:
         for got, want in zip(results[impl], results["gather"]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -257,16 +266,6 @@ def _projected(projection_budget, read_budget=1 << 22):
     return run
 
 
-def _assert_lists_close(got, want, names, atol=1e-5, rtol=1e-5):
-    for name, a, b in zip(names, got, want):
-        if b is None:
-            assert a is None, name
-            continue
-        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: -inf pattern differs"
-        fin = ~torch.isinf(b)
-        torch.testing.assert_close(a[fin], b[fin], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
-
-
 PROJECTED_NAMES = ["out", "lse", "dq", "dweights", "dshared_bank", "drouted_bank", "dW_K", "dW_V", "dshared_norm",
                    "drouted_norm"]
 
@@ -299,7 +298,7 @@ def test_projected_read_matches_gather(name, gating, blocks, monkeypatch):
     want = _projected_run(_projected_reference, problem, gating)
     got = _projected_run(_projected(budget, read_budget), problem, gating)
     assert want[4].abs().sum() > 0 and want[5].abs().sum() > 0 and want[8].abs().sum() > 0
-    _assert_lists_close(got, want, PROJECTED_NAMES)
+    assert_same(got, want, names=PROJECTED_NAMES)
 
 
 @pytest.mark.parametrize("gating", ["paper", "mixture"])
@@ -307,7 +306,7 @@ def test_projected_read_float64_exact(gating):
     problem = _projected_problem(CASES["token-gqa"], dtype=torch.float64)
     want = _projected_run(_projected_reference, problem, gating)
     got = _projected_run(_projected(8 * 24), problem, gating)
-    _assert_lists_close(got, want, PROJECTED_NAMES, atol=1e-12, rtol=1e-12)
+    assert_same(got, want, atol=1e-12, rtol=1e-12, names=PROJECTED_NAMES)
 
 
 @pytest.mark.parametrize("gating", ["paper", "mixture"])
@@ -329,7 +328,7 @@ def test_projected_partials_from_two_owners_merge_to_the_full_read(name, gating)
         return merge_partials(torch.cat([p[0] for p in parts]), lses, index, q.shape[0]), None
 
     got = _projected_run(split, problem, gating)
-    _assert_lists_close(got[:1] + got[2:], want[:1] + want[2:], PROJECTED_NAMES[:1] + PROJECTED_NAMES[2:])
+    assert_same(got[:1] + got[2:], want[:1] + want[2:], names=PROJECTED_NAMES[:1] + PROJECTED_NAMES[2:])
 
 
 def test_projected_read_projects_bounded_blocks_and_fires_each_accumulator_once():
@@ -361,7 +360,7 @@ def test_projected_read_projects_bounded_blocks_and_fires_each_accumulator_once(
     torch.testing.assert_close(routed.main_grad, want[5], atol=1e-5, rtol=1e-5)
     # W_K, W_V, both norms and the routed bank (main_grad: a placeholder keeps DDP's hook firing) fire once each.
     assert [fired.get(i) for i in range(len(params))] == [1] * len(params) and fired.get(len(params) + 1) == 1, fired
-    _assert_lists_close(got[:5] + got[6:], want[:5] + want[6:], PROJECTED_NAMES[:5] + PROJECTED_NAMES[6:])
+    assert_same(got[:5] + got[6:], want[:5] + want[6:], names=PROJECTED_NAMES[:5] + PROJECTED_NAMES[6:])
     del routed.main_grad, routed.grad_added_to_main_grad
 
 
@@ -371,19 +370,10 @@ def test_projected_read_projects_bounded_blocks_and_fires_each_accumulator_once(
 def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
     """The whole layer with the blocked path's projection blocks of two chapters (megatron's linears, RMSNorms,
     router, shared + routed chapters, GQA) against gather: output and every gradient."""
-    from moc_megatron.config import MoCConfig
     from moc_megatron.kernels import blocked, projected
-    from moc_megatron.memory.memory_attention import MoCMemoryAttention
 
-    config = MoCConfig(num_layers=1, hidden_size=32, num_attention_heads=4, moc_memory_layers=[0],
-                       moc_num_chapters=9, moc_num_shared_chapters=1, moc_top_k=3, moc_chapter_size=8,
-                       moc_num_query_groups=2, moc_shared_bank=False, moc_routing_unit=unit, moc_chunk_size=5,
-                       moc_gating=gating, use_cpu_initialization=True)
-    torch.manual_seed(0)
-    module = MoCMemoryAttention(config, layer_number=1).eval()
+    config, module = _small_memory_layer(unit, gating)
     with torch.no_grad():
-        module.linear_o.weight.normal_(0, 0.2)
-        module.router.bias.normal_(0, 0.5)
         module.routed_norm.weight.normal_(1, 0.2)
         module.shared_norm.weight.normal_(1, 0.2)
     hidden = torch.randn(12, 2, 32)
@@ -396,14 +386,7 @@ def test_memory_layer_projected_read_matches_gather(unit, gating, monkeypatch):
     monkeypatch.setattr(blocked, "ONE_BLOCK_COPY_ELEMENTS", 0)  # else sequence routing reads as one SDPA block
     if unit == "sequence":  # sequence units read unit by unit (their schedule at >= 128 queries), others chapter-major
         monkeypatch.setattr(projected, "CHAPTER_MAJOR_QUERIES", 1)
-    results = {}
-    for impl in ("gather", "blocked"):
-        config.moc_attention_impl = impl
-        x = hidden.clone().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
-        out, _ = module(x)
-        (out * probe).sum().backward()
-        results[impl] = [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+    results = {impl: _layer_forward_backward(config, module, impl, hidden, probe) for impl in ("gather", "blocked")}
     assert calls == [1], "the blocked path should have projected block by block"
     names = ["out", "input"] + [n for n, _ in module.named_parameters()]
-    _assert_lists_close(results["blocked"], results["gather"], names)
+    assert_same(results["blocked"], results["gather"], names=names)
