@@ -65,14 +65,14 @@ for dir in "$WHEELS"/megatron-core-*/; do
   version=${version#megatron-core-}
   if $PYTHON -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/$version" \
       "$dir"*.whl >>"$OUT/pip.txt" 2>&1; then
-    got=$(PYTHONPATH="$SITE/$version" $PYTHON -c "import megatron.core as m, os; print(m.__version__, "from", os.path.dirname(m.__file__))" 2>>"$OUT/pip.txt")
+    got=$(PYTHONPATH="$SITE/$version" $PYTHON -c "import megatron.core as m, os; print(m.__version__, 'from', os.path.dirname(m.__file__))" 2>>"$OUT/pip.txt")
     say "megatron-core $version: installed in $SITE/$version (imports as ${got:-nothing})"
     VERSIONS+=("$version")
   else
     say "megatron-core $version: install failed (see pip.txt)"
   fi
 done
-[ ${#VERSIONS[@]} -eq 0 ] && say "no megatron-core wheels in $WHEELS/ (run scripts/fetch_gpu_wheels.sh here and carry gpu_wheels)"
+[ ${#VERSIONS[@]} -eq 0 ] && say "no megatron-core installed from $WHEELS/ (missing, or not for this Python: run scripts/fetch_gpu_wheels.sh here and carry gpu_wheels); the model tests do not run"
 
 # 1. the kernels (no megatron-core needed).
 PYTHONPATH="$BASE_PYTHONPATH" step kernel_tests 170 \
