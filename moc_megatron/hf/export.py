@@ -67,11 +67,15 @@ def _locate(reader: DistCheckpointReader, key: str) -> str | None:
 
 
 def _check_shapes(reader: DistCheckpointReader, groups, config: dict) -> dict[str, str]:
-    """Stored key of every planned Megatron tensor; raises if one is missing, misshapen or left over."""
+    """Stored key of every planned Megatron tensor (None for a zero-size one, which is never stored); raises
+    if one is missing, misshapen or left over."""
     stored, problems = {}, []
     for key, entries in groups:
         where = _locate(reader, key)
         want = names.megatron_shape(entries)
+        if where is None and torch.Size(want).numel() == 0:
+            stored[key] = None  # zero-size (no shared chapters): never in a Megatron checkpoint
+            continue
         if where is None:
             problems.append(f"  {key}: missing (expected shape {list(want)})")
             continue
@@ -120,7 +124,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     os.makedirs(staging)
     writer = ShardWriter(staging, shards, progress=log)
     for n, (key, entries) in enumerate(groups, 1):
-        tensor = reader.load(stored[key])
+        tensor = torch.empty(names.megatron_shape(entries)) if stored[key] is None else reader.load(stored[key])
         for entry, part in zip(entries, names.split(tensor, entries, config)):
             writer.add(entry.hf_name, part.to(dtype))
         del tensor

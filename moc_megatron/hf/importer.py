@@ -224,6 +224,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     copied = 0
     for key, entries in names.group_by_key(plan):
         target = by_key.get(key)
+        if target is None and torch.Size(names.megatron_shape(entries)).numel() == 0:
+            continue  # zero-size (no shared chapters): not part of a Megatron checkpoint
         if target is None:
             raise ImportError_(f"internal: the Megatron model has no checkpoint key {key!r}")
         if dense and any(_is_memory(e.hf_name) for e in entries):

@@ -53,7 +53,8 @@ def gather_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class MemoryBank(nn.Module):
     """Memory tokens of one bank, laid out ``[chapters, chapter_size, bank_dim]``.
 
-    ``shared`` holds the ``S`` shared chapters (a dense parameter, replicated on every rank).
+    ``shared`` holds the ``S`` shared chapters (a dense parameter, replicated on every rank; with
+    ``S = 0`` an empty buffer that is neither saved nor trained).
     ``routed`` holds this expert-parallel rank's contiguous block of routed chapters; it is an expert
     parameter (``allreduce=False``), so megatron's DDP reduces its gradient over the
     expert-data-parallel group only. ``routed_offset`` is the global index of its first chapter.
@@ -79,9 +80,13 @@ class MemoryBank(nn.Module):
         self.routed_offset = ep_rank * self.num_local_routed
         shape = (config.moc_chapter_size, config.moc_bank_dim)
         device = None if config.use_cpu_initialization else get_device()
-        self.shared = nn.Parameter(
-            torch.empty(config.moc_num_shared_chapters, *shape, dtype=config.params_dtype, device=device)
-        )
+        shared = torch.empty(config.moc_num_shared_chapters, *shape, dtype=config.params_dtype, device=device)
+        if shared.numel():
+            self.shared = nn.Parameter(shared)
+        else:
+            # No shared chapters: a zero-size tensor that megatron-core's dist_checkpointing cannot save
+            # and its optimizer cannot shard, so a buffer outside state dicts, DDP and the optimizer.
+            self.register_buffer("shared", shared, persistent=False)
         self.routed = nn.Parameter(
             torch.empty(self.num_local_routed, *shape, dtype=config.params_dtype, device=device)
         )
@@ -129,6 +134,8 @@ class MemoryBank(nn.Module):
             f"{prefix}routed", self.routed, *sharded_offsets, (axis, self.ep_rank, self.ep_size),
             replica_id=(self.pipeline_replica, tp_rank, edp_rank), prepend_axis_num=axis,
         )
+        if not isinstance(self.shared, nn.Parameter):
+            return {f"{prefix}routed": routed}  # no shared chapters
         shared = ShardedTensor.from_rank_offsets(
             f"{prefix}shared", self.shared, *sharded_offsets,
             replica_id=(self.pipeline_replica, tp_rank, dp_rank), prepend_axis_num=axis,

@@ -33,6 +33,8 @@ VARIANTS = {
     "token-paper-2shared": ["--moc-routing-unit", "token", "--moc-num-shared-chapters", "2"],
     "token-mixture-untied": ["--moc-routing-unit", "token", "--moc-gating", "mixture",
                              "--untie-embeddings-and-output-weights"],
+    "chunk-paper-0shared-perlayer": ["--moc-routing-unit", "chunk", "--moc-num-shared-chapters", "0",
+                                     "--no-moc-shared-bank"],
 }
 quiet = lambda *a, **k: None  # noqa: E731
 
@@ -156,7 +158,8 @@ def _shards(folder):
     return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if f.endswith(".safetensors")}
 
 
-@pytest.mark.parametrize("name", ["sequence-mixture-perlayer-untied", "token-paper-2shared"])
+@pytest.mark.parametrize("name", ["sequence-mixture-perlayer-untied", "token-paper-2shared",
+                                  "chunk-paper-0shared-perlayer"])
 def test_export_import_export_is_bit_exact(exported, name, tmp_path):
     model, folder, _ = exported[name]
     import_checkpoint(ImportOptions(hf=folder, save=str(tmp_path / "ckpt")), log=quiet)
@@ -319,3 +322,13 @@ def test_checkpoint_tokenizer_record_is_checked_and_survives_the_round_trip(tmp_
                                     tokenizer_model=sp_model), log=quiet)
     import_checkpoint(ImportOptions(hf=str(tmp_path / "hf"), save=str(tmp_path / "back")), log=quiet)
     assert record_from_checkpoint(str(tmp_path / "back" / "iter_0000000")) == record
+
+
+def test_zero_shared_chapters_export_loads_with_every_weight(exported):
+    """Without shared chapters the export still holds each bank's (empty) ``shared`` tensor: nothing missing."""
+    _, folder, _ = exported["chunk-paper-0shared-perlayer"]
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    banks = [layer.memory.bank for layer in hf.model.layers if layer.has_memory]
+    assert banks and all(b.shared.shape[0] == 0 and b.routed.shape[0] > 0 for b in banks)

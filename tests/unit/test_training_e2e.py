@@ -65,6 +65,25 @@ def test_resume_continues_the_exact_loss_curve(runs):
     assert second.validation_losses[TRAIN_ITERS] == pytest.approx(full.validation_losses[TRAIN_ITERS], rel=1e-5)
 
 
+def test_model_without_shared_chapters_saves_and_resumes_exactly(tmp_path):
+    """``--moc-num-shared-chapters 0``: the bank has no ``shared`` entry, and save -> resume is exact."""
+    from moc_megatron.hf.dist_reader import DistCheckpointReader
+
+    zero = ("--moc-num-shared-chapters", "0", "--train-iters", "4", "--save-interval", "2")
+    full = run(*zero, "--save", str(tmp_path / "full"))
+    run(*zero, "--save", str(tmp_path / "split"), "--train-iters", "2")
+    second = run(*zero, "--load", str(tmp_path / "split"), "--save", str(tmp_path / "split"))
+    assert second.start_iteration == 2 and second.iteration == 4
+    for i in (3, 4):
+        assert second.lm_losses[i] == pytest.approx(full.lm_losses[i], rel=1e-5, abs=1e-6), i
+    a, b = (DistCheckpointReader(str(tmp_path / name / "iter_0000004")) for name in ("full", "split"))
+    bank = [k for k in a.tensors if k.startswith("memory_bank.")]
+    assert bank == ["memory_bank.routed"], bank
+    assert set(a.tensors) == set(b.tensors)
+    for key in a.tensors:  # weights and optimizer state of the resumed run equal the uninterrupted run's
+        torch.testing.assert_close(a.load(key), b.load(key), rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_checkpoint_layout(runs):
     root, full, _, _ = runs
     names = sorted(os.listdir(root / "full"))
