@@ -104,7 +104,8 @@ def test_matches_naive_reference_forward_and_backward(overrides):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
     grad_out = torch.randn_like(got)
-    params = [module.own_bank.routed, module.own_bank.shared, module.router.weight, module.linear_q.weight,
+    shared = [module.own_bank.shared] if module.own_bank.shared.requires_grad else []  # S = 0: empty buffer
+    params = [module.own_bank.routed, *shared, module.router.weight, module.linear_q.weight,
               module.linear_k.weight, module.routed_norm.weight]
     got_grads = torch.autograd.grad(got, [hidden, *params[1:]], grad_out, retain_graph=True,
                                     allow_unused=True, materialize_grads=True)
@@ -117,7 +118,8 @@ def test_matches_naive_reference_forward_and_backward(overrides):
     torch.testing.assert_close(got_bank_grad, want_grads[1], rtol=1e-8, atol=1e-10)
     for g, w in zip(got_grads[1:], want_grads[2:]):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
-    assert module.router.weight.requires_grad and want_grads[3].abs().sum() > 0, "router gets no LM gradient"
+    router_grad = want_grads[2 + len(shared)]
+    assert module.router.weight.requires_grad and router_grad.abs().sum() > 0, "router gets no LM gradient"
 
 
 def test_bank_gradient_only_on_selected_chapters():
