@@ -10,8 +10,8 @@ no file under a final name.)
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -107,12 +107,26 @@ class StagedOutputs:
 
     def __init__(self, output_prefix: str) -> None:
         self.final_dir = os.path.dirname(os.path.abspath(output_prefix))
-        os.makedirs(self.final_dir, exist_ok=True)
-        name = os.path.basename(output_prefix) or "out"
-        self.tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.final_dir)
+        self._name = os.path.basename(output_prefix) or "out"
+        self.tmp_dir = ""
         self._staged: list[tuple[str, str]] = []
 
     def __enter__(self) -> StagedOutputs:
+        # The folder is created here, with its path known before it exists: a SIGTERM (turned into SystemExit
+        # by the tools) that lands just after the mkdir still removes it. mkdtemp, by contrast, could be
+        # interrupted between creating the folder and returning its name, and before `with` calls __exit__.
+        os.makedirs(self.final_dir, exist_ok=True)
+        try:
+            while True:
+                self.tmp_dir = os.path.join(self.final_dir, f".{self._name}.tmp-{secrets.token_hex(6)}")
+                try:
+                    os.mkdir(self.tmp_dir, 0o700)
+                    break
+                except FileExistsError:  # another run's folder: never ours to remove
+                    self.tmp_dir = ""
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,4 +162,5 @@ class StagedOutputs:
 
     def cleanup(self) -> None:
         """Remove the temporary folder and whatever is left in it."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.tmp_dir:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)

@@ -176,3 +176,27 @@ def test_sigterm_mid_run_leaves_no_complete_looking_files(sp_model, tiny_corpus,
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+def test_interrupt_just_after_the_staging_folder_appears_removes_it(tmp_path, monkeypatch) -> None:
+    """A SIGTERM (SystemExit in the tools) handled right after the hidden folder is made must not leak it.
+
+    This is the window the SIGTERM test above can hit on a loaded machine: the tool is interrupted at the first
+    bytecode after the folder exists, before ``with`` has armed the clean-up.
+    """
+    from moc_megatron.data import indexed
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir_then_interrupt(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(SystemExit):
+        with indexed.StagedOutputs(str(out / "c")):
+            pass
+    monkeypatch.undo()
+    assert list(out.iterdir()) == []
