@@ -249,12 +249,6 @@ class MoCMemoryAttention(MegatronModule):
         return chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
                                  self.softmax_scale, impl=self.config.moc_attention_impl)
 
-    def _routed_keys_values(self, local_chapters: torch.Tensor):
-        """K/V once for every local chapter with traffic, and the units' indices into them."""
-        used, selected = self._chapters_with_traffic(local_chapters)
-        keys, values = self._project(self.routed_norm(self.bank.routed_rows(used)))
-        return keys, values, selected
-
     def _shared_partial(self, query: torch.Tensor, shared_w: torch.Tensor):
         """Attention over the shared chapters, computed locally for every unit."""
         num_shared = self.config.moc_num_shared_chapters
