@@ -19,6 +19,7 @@ from moc_megatron import platform
 from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
+from moc_megatron.platform.distributed import restart_round
 from moc_megatron.training.checkpointing import load_training_state, save_checkpoint
 from moc_megatron.training.config_from_args import as_run_config, run_model_settings
 from moc_megatron.training.data import (
@@ -74,6 +75,29 @@ def _tokenizer_and_record(data: DataConfig) -> tuple[DatasetTokenizer, int | Non
     name = f"{data.tokenizer_type}:{data.tokenizer_model}"
     record = record_from_tokenizer(tokenizer, data.tokenizer_type, data.tokenizer_model)
     return dataset_tokenizer(tokenizer, name=name), tokenizer.vocab_size, record
+
+
+def check_inputs(data: DataConfig) -> tuple[DatasetTokenizer, int | None, TokenizerRecord | None]:
+    """Build the tokenizer and check every dataset against it (what a run checks before any process group).
+
+    Returns :func:`_tokenizer_and_record`'s values; raises the start-up errors of ``check_data_inputs``
+    (a missing, truncated or corrupt dataset, data made with another tokenizer) and of the tokenizer.
+    """
+    tokenizer, vocab, record = _tokenizer_and_record(data)
+    check_data_inputs(data, record)
+    return tokenizer, vocab, record
+
+
+def _log_restart(iteration: int, load: str | None) -> None:
+    """After a torchrun restart (any rank's ``TORCHELASTIC_RESTART_COUNT`` > 0), say so in one line, with
+    the iteration this round starts from (collective: a node whose own ranks did not fail keeps count 0)."""
+    restarts = torch.tensor([restart_round()], dtype=torch.int64, device=platform.get_device())
+    torch.distributed.all_reduce(restarts, op=torch.distributed.ReduceOp.MAX)
+    if restarts.item() == 0:
+        return
+    start = f"resuming from iteration {iteration} ({load})" if iteration else f"starting from scratch ({load})"
+    print_rank_0(f" > restart: torchrun restarted the ranks after a rank failed (restart {restarts.item()} of "
+                 f"--max-restarts {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}); {start}")
 
 
 def _role_lrs(run: RunConfig) -> dict[str, tuple[float, float]]:
@@ -140,8 +164,7 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     run = as_run_config(run)
     datasets_provider = datasets_provider or build_datasets
     step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
-    tokenizer, tokenizer_vocab, record = _tokenizer_and_record(run.data)
-    check_data_inputs(run.data, record)  # before any process group: every rank stops on the same files
+    tokenizer, tokenizer_vocab, record = check_inputs(run.data)  # before any process group: every rank stops
     initialize(run)
     config = run.model
     settings = run_model_settings(run, tokenizer_vocab)
@@ -162,6 +185,7 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     logger = TrainingLogger(run, config, stack.model)
     reset_memory_statistics(stack.model)  # start the router statistics from this run's first step
     last_saved = iteration
+    _log_restart(iteration, ckpt.load)
     print_rank_0(f" > training from iteration {iteration} to {schedule.train_iters}")
     while iteration < schedule.train_iters:
         step = train_step(run, train_iterators, stack.model, stack.optimizer, stack.scheduler, **step_kwargs)
