@@ -6,7 +6,8 @@
 # DATA_PATH, TOKENIZER and SAVE_DIR must name the same files on every node (a shared filesystem).
 #
 # Every setting is an environment variable (default in brackets):
-#   NNODES [$SLURM_NNODES or 1]  NODE_RANK [$SLURM_NODEID or 0]  GPUS_PER_NODE: ranks per node [8]
+#   NNODES [$SLURM_NNODES or 1]  GPUS_PER_NODE: ranks per node [8]
+#   NODE_RANK: names the node in the log (the c10d rendezvous numbers the nodes) [$SLURM_NODEID or 0]
 #   MASTER_ADDR: the first node's hostname [localhost]  MASTER_PORT: its rendezvous port [6000]
 #   RDZV_ID: names the job at the rendezvous [$SLURM_JOB_ID or moc-pretrain]
 #   DEVICE: gpu (NCCL, one rank per GPU) or cpu (gloo; GPUS_PER_NODE processes per node) [gpu]
@@ -25,6 +26,7 @@
 #   MAX_RESTARTS: torchrun --max-restarts [3]
 #   PREFLIGHT: 1 = check the flags and input files in one process first [1]; CHECK_ONLY: 1 = only that [0]
 #   EXTRA_ARGS: more pretrain_moc.py flags, appended (they win over the above) []
+#   PYTHON: the interpreter [python; the repository's .venv/bin/python when no virtualenv is active]
 #
 # Restarts: when a rank dies, torchrun (--max-restarts MAX_RESTARTS) stops every rank on every node, all
 # agents meet again at the c10d rendezvous (RDZV_ID names the job) and the new ranks resume from the last
@@ -117,12 +119,13 @@ fi
 [ "$CHECK_ONLY" = 1 ] && exit 0
 
 echo "$PROG: node $NODE_RANK/$NNODES ($(hostname)), $GPUS_PER_NODE ranks on $DEVICE, rendezvous $MASTER_ADDR:$MASTER_PORT" \
-     "id $RDZV_ID: pretrain_moc.py ${args[*]}"
+     "id $RDZV_ID, max restarts $MAX_RESTARTS: pretrain_moc.py ${args[*]}"
 # Each restart round gets a fresh store from its rank 0 (TORCH_DISABLE_SHARE_RDZV_TCP_STORE): with the agents'
 # shared store, a node whose own ranks did not fail starts the next round with another TORCHELASTIC_RESTART_COUNT
 # than the node that failed, and the ranks would look for each other under different keys.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+# (No --node_rank: the c10d rendezvous numbers the nodes itself.)
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
     --max-restarts "$MAX_RESTARTS" \
     pretrain_moc.py "${args[@]}"

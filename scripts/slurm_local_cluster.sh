@@ -56,6 +56,17 @@ stop_pid() {
   for i in $(seq 20); do alive "$pid" "$name" || return 0; sleep 0.1; done
 }
 
+# kill_sessions: SIGKILL what is left in the daemons' sessions (slurmctld's slurmscriptd, after a SIGKILL).
+kill_sessions() {
+  local sids p sid
+  sids=" $(awk '$1 != "uts" { printf "%s ", $2 }' "$(pids_file)")"
+  for p in /proc/[0-9]*; do
+    sid=$(awk '{ print $6 }' "$p/stat" 2>/dev/null) || continue
+    case "$sids" in *" $sid "*) kill -KILL "${p#/proc/}" 2>/dev/null || true ;; esac
+  done
+  return 0
+}
+
 # kill_node_processes NODE: SIGKILL everything in the node's UTS namespace (slurmstepd, job scripts,
 # srun tasks, torchrun and its ranks) except the slurmd itself.
 kill_node_processes() {
@@ -74,22 +85,25 @@ kill_node_processes() {
 
 # ---- /etc/hosts ------------------------------------------------------------------------------------------
 
-# Rewritten in place (not renamed): /etc/hosts may be a bind mount.
+# Only this cluster's lines (marker and DIR) are touched, rewritten in place (/etc/hosts may be a bind mount).
 hosts_remove() {
-  grep -q -- "$HOSTS_MARKER" /etc/hosts 2>/dev/null || return 0
-  local kept
-  kept=$(grep -v -- "$HOSTS_MARKER" /etc/hosts || true)
+  local tag="$HOSTS_MARKER $DIR" kept
+  grep -qF -- "$tag" /etc/hosts 2>/dev/null || return 0
+  kept=$(awk -v tag="$tag" 'substr($0, length($0) - length(tag) + 1) != tag' /etc/hosts)
   printf '%s\n' "$kept" > /etc/hosts
+}
+
+hosts_check_free() {
+  local node
+  for node in "${NODES[@]}"; do
+    if getent hosts "$node" >/dev/null; then
+      die "/etc/hosts (or DNS) already names $node ($(getent hosts "$node" | head -n1)): another cluster is up? stop it first"
+    fi
+  done
 }
 
 hosts_add() {
   local node
-  hosts_remove
-  for node in "${NODES[@]}"; do
-    if getent hosts "$node" >/dev/null; then
-      die "/etc/hosts (or DNS) already names $node ($(getent hosts "$node" | head -n1)); remove it first"
-    fi
-  done
   for node in "${NODES[@]}"; do
     echo "${NODE_ADDR[$node]} $node $HOSTS_MARKER $DIR" >> /etc/hosts
   done
@@ -202,10 +216,13 @@ cluster_up() {
     say "a previous start in $DIR is incomplete: stopping it first"
     cluster_down quiet
   fi
+  hosts_remove  # a stale line of this DIR from a killed run
+  hosts_check_free
   mkdir -p "$DIR"
   install_if_missing
   write_config
   : > "$(pids_file)"
+  trap 'cluster_down quiet' EXIT  # a failed start leaves nothing running
   export SLURM_CONF="$DIR/slurm.conf"
 
   mungekey -c -b 1024 -k "$DIR/munge/munge.key" -f >/dev/null 2>&1 || die "mungekey could not create $DIR/munge/munge.key"
@@ -215,7 +232,7 @@ cluster_up() {
     --pid-file="$DIR/munge/munged.pid" --seed-file="$DIR/munge/munged.seed"
   local i
   for i in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
-  [ -S "$DIR/munge/munge.socket.2" ] || { cluster_down quiet; die "munged did not start: see $DIR/log/munged.log"; }
+  [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start: see $DIR/log/munged.log"
 
   hosts_add
   start slurmctld "$DIR/log/slurmctld.out" slurmctld -D -f "$SLURM_CONF" -c -i
@@ -228,11 +245,12 @@ cluster_up() {
   sleep 0.2
   for node in "${NODES[@]}"; do
     pid=$(recorded "slurmd-$node")
-    alive "$pid" slurmd || { cluster_down quiet; die "slurmd $node did not start: see $DIR/log/slurmd-$node.out"; }
+    alive "$pid" slurmd || die "slurmd $node did not start: see $DIR/log/slurmd-$node.out"
     echo "uts $node $(readlink "/proc/$pid/ns/uts")" >> "$(pids_file)"
   done
-  alive "$(recorded slurmctld)" slurmctld || { cluster_down quiet; die "slurmctld did not start: see $DIR/log/slurmctld.out"; }
-  wait_idle || { cluster_down quiet; exit 1; }
+  alive "$(recorded slurmctld)" slurmctld || die "slurmctld did not start: see $DIR/log/slurmctld.out"
+  wait_idle || exit 1
+  trap - EXIT
   say "up: node1 (${NODE_ADDR[node1]}), node2 (${NODE_ADDR[node2]}); . $DIR/env.sh"
 }
 
@@ -249,6 +267,7 @@ cluster_down() {
   wait
   for node in "${NODES[@]}"; do kill_node_processes "$node"; done
   stop_pid "$(recorded munged)" munged
+  kill_sessions
   hosts_remove
   rm -f "$(pids_file)" "$DIR/munge/munge.socket.2" "$DIR/munge/munge.socket.2.lock"
   [ -n "$quiet" ] || say "down ($DIR)"
