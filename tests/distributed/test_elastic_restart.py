@@ -4,8 +4,8 @@ checkpoint and finishes on the loss curve of an uninterrupted run.
 Two ranks (EP=2, DP=2, dropout on, so RNG states and the data position matter) with ``--save`` and
 ``--load`` naming the same folder; rank 1 kills itself after iteration 5 (``MOC_FAULT_KILL``), after
 the checkpoint of iteration 4 and before the one of iteration 6. torchrun restarts both ranks (round 1),
-they load iteration 4 and train to the end. Every logged loss of the final round equals the uninterrupted
-run's, to the printed digits (the resume is exact).
+they load iteration 4, log the restart in one line and train to the end. Every logged loss of the final
+round equals the uninterrupted run's, to the printed digits (the resume is exact).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def losses_of(output: str) -> dict[int, str]:
 
 
 def test_killed_rank_restarts_from_the_last_checkpoint_on_the_same_loss_curve(tmp_path):
-    reference = losses_of(run_distributed(SCRIPT, nprocs=2, args=args(tmp_path / "reference"), timeout=240))
+    reference_output = run_distributed(SCRIPT, nprocs=2, args=args(tmp_path / "reference"), timeout=240)
+    reference = losses_of(reference_output)
     assert sorted(reference) == list(range(1, ITERS + 1))
 
     output = run_distributed(SCRIPT, nprocs=2, args=args(tmp_path / "elastic"), timeout=300, max_restarts=1,
@@ -49,6 +50,9 @@ def test_killed_rank_restarts_from_the_last_checkpoint_on_the_same_loss_curve(tm
     assert f"fault injection: rank 1 killed after iteration {KILLED_AFTER}" in output
     assert f"loaded checkpoint {tmp_path / 'elastic'}/iter_{SAVE_INTERVAL:07d} at iteration {SAVE_INTERVAL}" \
         in output, output[-3000:]
+    assert (f" > restart: torchrun restarted the ranks after a rank failed (restart 1 of --max-restarts 1); "
+            f"resuming from iteration {SAVE_INTERVAL} ({tmp_path / 'elastic'})") in output
+    assert " > restart:" not in reference_output
     assert "Connection refused" not in output.split("loaded checkpoint")[-1]
     restarted = losses_of(output.split("loaded checkpoint")[-1])
     assert sorted(restarted) == list(range(SAVE_INTERVAL + 1, ITERS + 1))

@@ -14,8 +14,11 @@ SCRIPT = REPO_ROOT / "scripts" / "slurm_local_cluster.sh"
 
 
 def _script(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
-    return subprocess.run([*prefix, "bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    """Run the script (as ``user``: fed on stdin, since that user may not read the checkout)."""
+    if user is None:
+        return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "bash", "-s", *args],
+                          input=SCRIPT.read_text(), capture_output=True, text=True, timeout=120, cwd="/")
 
 
 def test_up_again_keeps_the_running_cluster(slurm_cluster: SlurmCluster):
