@@ -67,8 +67,13 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 def _no_job_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test: no job of it still running, both nodes back in service."""
     yield
-    if "slurm_cluster" in request.fixturenames:
-        request.getfixturevalue("slurm_cluster").reset()
+    if "slurm_cluster" not in request.fixturenames:
+        return
+    try:
+        cluster = request.getfixturevalue("slurm_cluster")
+    except (pytest.skip.Exception, pytest.fail.Exception):  # no cluster: nothing to reset
+        return
+    cluster.reset()
 
 
 @pytest.fixture(scope="session")
