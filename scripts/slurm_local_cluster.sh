@@ -58,11 +58,12 @@ stop_pid() {
 
 # kill_sessions: SIGKILL what is left in the daemons' sessions (slurmctld's slurmscriptd, after a SIGKILL).
 kill_sessions() {
-  local sids p sid
+  local sids p stat fields
   sids=" $(awk '$1 != "uts" { printf "%s ", $2 }' "$(pids_file)")"
   for p in /proc/[0-9]*; do
-    sid=$(awk '{ print $6 }' "$p/stat" 2>/dev/null) || continue
-    case "$sids" in *" $sid "*) kill -KILL "${p#/proc/}" 2>/dev/null || true ;; esac
+    stat=$(cat "$p/stat" 2>/dev/null) || continue
+    read -r -a fields <<< "${stat##*) }"  # after "(comm) ", which may hold spaces: state ppid pgrp session
+    case "$sids" in *" ${fields[3]:-none} "*) kill -KILL "${p#/proc/}" 2>/dev/null || true ;; esac
   done
   return 0
 }
@@ -242,9 +243,9 @@ cluster_up() {
     start "slurmd-$node" "$DIR/log/slurmd-$node.out" unshare --uts \
       sh -c "hostname $node && exec slurmd -D -f '$SLURM_CONF' -N $node"
   done
-  sleep 0.2
   for node in "${NODES[@]}"; do
     pid=$(recorded "slurmd-$node")
+    for i in $(seq 100); do alive "$pid" slurmd && break; sleep 0.1; done  # unshare, sh, then slurmd
     alive "$pid" slurmd || die "slurmd $node did not start: see $DIR/log/slurmd-$node.out"
     echo "uts $node $(readlink "/proc/$pid/ns/uts")" >> "$(pids_file)"
   done
