@@ -16,11 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from slurm_jobs import REPO_ROOT, SlurmCluster, tiny_job_env  # on sys.path under pytest, as tests/distributed
 
 from moc_megatron.data.tokenizer_training import train_sentencepiece
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_jobs import REPO_ROOT, SlurmCluster  # noqa: E402
 
 CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_local_cluster.sh"
 
@@ -95,6 +93,4 @@ def slurm_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, sp_m
 @pytest.fixture(scope="session")
 def job_env(slurm_data: dict[str, str]) -> dict[str, str]:
     """The launchers' environment for the tests' tiny CPU job (the model and schedule of ``slurm_jobs``)."""
-    from slurm_jobs import tiny_job_env
-
     return tiny_job_env(slurm_data["data"], slurm_data["tokenizer"])
