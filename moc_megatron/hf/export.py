@@ -103,7 +103,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     reader = DistCheckpointReader(path)
     signature, args = reader.common.get("model_signature"), reader.common.get("args", {})
     if signature is None:
-        raise ExportError(f"{path}: common.pt has no model_signature (not saved by this project's pretrain_moc.py)")
+        raise ExportError(f"{path}: no model_signature (not saved by this project's pretrain_moc.py)")
     config = names.hf_config_from_signature(signature, args)
     plan = names.parameter_plan(config)
     groups = names.group_by_key(plan)
