@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time set-up of the users' stack, as in NVIDIA's containers: a virtualenv in .venv-users with Python 3.12,
-# the newest megatron-core and torch from PyPI for Python 3.12 (a CUDA build, ~4.5 GB installed, which runs
+# the newest megatron-core and torch from PyPI for Python 3.12 (a CUDA build, 5.1 GB installed, which runs
 # on the CPU), and this package installed editable. Re-running is cheap: pip skips what is installed.
 #   bash scripts/setup_users_stack.sh
 #   USERS_MEGATRON_CORE=0.18.2 bash scripts/setup_users_stack.sh     # another release (a fresh .venv-users)
