@@ -87,6 +87,32 @@ def check_tokenizer(spec: TokenizerSpec, model_vocab: int, args: dict, layout: d
             "padding_id_without_mask": 0 if _id0_is_not_text(tok) else None}
 
 
+def true_vocabulary(spec: TokenizerSpec, recorded: TokenizerRecord | None, args: dict,
+                    given: int | None = None) -> tuple[int | None, str]:
+    """The vocabulary the model was trained on and where it comes from: ``given`` (``--vocab-size``), else the
+    tokenizer's (given or the saving run's), else the checkpoint's tokenizer record, else the saving run's
+    ``--vocab-size`` when it had no tokenizer (mock data, an imported model); ``(None, ...)`` when unknown."""
+    if given is not None:
+        return given, "--vocab-size"
+    tok = spec.build()
+    if tok is not None:
+        return tok.vocab_size, f"tokenizer {spec.model}"
+    if recorded is not None:
+        return recorded.vocab_size, "the checkpoint's tokenizer record"
+    if args.get("tokenizer_type") is None and args.get("vocab_size"):
+        return int(args["vocab_size"]), "the saving run's --vocab-size"
+    return None, "unknown"
+
+
+def check_vocab_pads_to(vocab: int, padded: int, args: dict, layout: dict, source: str) -> None:
+    """Raise :class:`TokenizerError` unless ``vocab`` pads to the model's ``padded`` rows as the saving run padded."""
+    divisible = args.get("make_vocab_size_divisible_by") or 128
+    want = pad_vocab_size(vocab, divisible, layout.get("tp") or 1)
+    if vocab > padded or want != padded:
+        raise TokenizerError(f"vocabulary {vocab} ({source}) pads to {want}, but the model has {padded} rows "
+                             f"(--make-vocab-size-divisible-by {divisible} x TP {layout.get('tp') or 1})")
+
+
 def _id0_is_not_text(tok: MoCTokenizer) -> bool:
     """Whether token id 0 is the unk or pad token (what lm-evaluation-harness pads with)."""
     if tok.pad == 0:

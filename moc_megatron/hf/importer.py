@@ -217,8 +217,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     hf_view = dict(config)
     if dense:
         signature = meta.model_signature(megatron_config, settings)
-        hf_view.update(names.hf_config_from_signature(signature, vars(args)))
-    plan = names.parameter_plan(hf_view)
+        hf_view.update(names.hf_config_from_signature(signature, vars(args)), vocab_size=config["vocab_size"])
+    plan = names.parameter_plan(hf_view, settings.vocab_size)  # zero rows pad the vocabulary as training will
     sharded = model.sharded_state_dict()
     by_key = {getattr(v, "key", None): v for v in sharded.values()}
     copied = 0
@@ -232,11 +232,6 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
             continue  # new memory: keep Megatron's initialisation (W_O = 0)
         value = names.fuse({e.hf_name: tensors.get(e.hf_name) for e in entries}, entries, hf_view)
         data = target.data
-        vocab_rows = entries[0].hf_name in ("model.embed_tokens.weight", "lm_head.weight")
-        if vocab_rows and value.shape[0] < data.shape[0]:
-            padded = torch.zeros_like(data)  # Megatron's padded vocabulary rows stay zero
-            padded[: value.shape[0]] = value
-            value = padded
         if tuple(value.shape) != tuple(data.shape):
             raise ImportError_(f"{entries[0].hf_name}: shape {list(value.shape)}, the model needs {list(data.shape)}")
         with torch.no_grad():

@@ -33,8 +33,11 @@ class Entry:
     hf_name: str
     megatron_key: str
     part: str = "copy"
-    """``copy``, ``q``/``k``/``v`` (slices of linear_qkv) or ``gate``/``up`` (halves of linear_fc1)."""
+    """``copy``, ``rows`` (the first ``shape[0]`` rows: the true vocabulary of a padded embedding or output
+    layer), ``q``/``k``/``v`` (slices of linear_qkv) or ``gate``/``up`` (halves of linear_fc1)."""
     shape: tuple[int, ...] = ()
+    megatron_rows: int = 0
+    """Rows of the Megatron tensor of a ``rows`` entry (the padded vocabulary)."""
 
 
 def hf_config_from_signature(signature: dict, args: dict) -> dict:
@@ -89,12 +92,25 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
     return config
 
 
-def parameter_plan(config: dict) -> list[Entry]:
-    """Every tensor of the Hugging Face model (``config``: ``config.json`` fields), in file order."""
+def _vocab_entry(hf_name: str, key: str, vocab: int, padded: int | None, h: int) -> Entry:
+    if padded is None or padded == vocab:
+        return Entry(hf_name, key, shape=(vocab, h))
+    if padded < vocab:
+        raise UnsupportedModelError(f"the vocabulary ({vocab} tokens) is larger than the model's {padded} rows")
+    return Entry(hf_name, key, "rows", (vocab, h), padded)
+
+
+def parameter_plan(config: dict, padded_vocab: int | None = None) -> list[Entry]:
+    """Every tensor of the Hugging Face model (``config``: ``config.json`` fields), in file order.
+
+    ``padded_vocab``: rows of Megatron's embedding and output layer when they are padded beyond the
+    ``config["vocab_size"]`` rows of the Hugging Face model (export drops the padding, import adds zero rows).
+    """
     h, ffn = config["hidden_size"], config["intermediate_size"]
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     memory = config.get("memory_layers") or []
-    plan = [Entry("model.embed_tokens.weight", "embedding.word_embeddings.weight", shape=(config["vocab_size"], h))]
+    vocab = config["vocab_size"]
+    plan = [_vocab_entry("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab, padded_vocab, h)]
     for i in range(config["num_hidden_layers"]):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mg + "self_attention.linear_qkv.weight"
@@ -118,7 +134,7 @@ def parameter_plan(config: dict) -> list[Entry]:
     if memory and config.get("shared_bank", True):
         plan += _bank_plan(config, "model.memory_bank.", "memory_bank.")
     if not config["tie_word_embeddings"]:
-        plan.append(Entry("lm_head.weight", "output_layer.weight", shape=(config["vocab_size"], h)))
+        plan.append(_vocab_entry("lm_head.weight", "output_layer.weight", vocab, padded_vocab, h))
     return plan
 
 
@@ -157,6 +173,8 @@ def megatron_shape(entries: list[Entry]) -> tuple[int, ...]:
     """Global shape of the Megatron tensor that ``entries`` (all of one key) come from."""
     if entries[0].part == "copy":
         return entries[0].shape
+    if entries[0].part == "rows":
+        return (entries[0].megatron_rows, *entries[0].shape[1:])
     rows = sum(e.shape[0] for e in entries)
     return (rows, *entries[0].shape[1:])
 
@@ -166,6 +184,8 @@ def split(tensor: torch.Tensor, entries: list[Entry], config: dict) -> list[torc
     part = entries[0].part
     if part == "copy":
         return [tensor]
+    if part == "rows":
+        return [tensor[: entries[0].shape[0]].contiguous()]
     if part in ("gate", "up"):
         gate, up = tensor.chunk(2, dim=0)
         return [gate if e.part == "gate" else up for e in entries]
@@ -186,6 +206,11 @@ def fuse(tensors: dict[str, torch.Tensor], entries: list[Entry], config: dict) -
     by_part = {e.part: tensors[e.hf_name] for e in entries}
     if part == "copy":
         return by_part["copy"]
+    if part == "rows":  # Megatron's padded vocabulary rows are zero
+        value = by_part["rows"]
+        padded = value.new_zeros(entries[0].megatron_rows, *value.shape[1:])
+        padded[: value.shape[0]] = value
+        return padded
     if part in ("gate", "up"):
         return torch.cat([by_part["gate"], by_part["up"]], dim=0)
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]

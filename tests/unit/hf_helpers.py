@@ -52,3 +52,28 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, None)
+
+
+# The memory a dense import adds in the tests: one memory layer, chunk routing.
+MEMORY_FLAGS = ["--moc-memory-layers", "1", "--moc-num-chapters", "5", "--moc-chapter-size", "4", "--moc-top-k", "2",
+                "--moc-routing-unit", "chunk", "--moc-chunk-size", "4"]
+
+
+def load_hf(folder: str, impl: str = "sdpa"):
+    """An exported folder as transformers loads it (``trust_remote_code``), in eval mode."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                             attn_implementation=impl).eval()
+
+
+def tiny_hf_model(cls, config, folder: str, seed: int = 0):
+    """A tiny random model built by transformers itself (``cls(config)``), every parameter perturbed (norms and
+    biases too), saved to ``folder``; returned in eval mode."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    return model
