@@ -28,9 +28,8 @@ import torch
 from moc_megatron.data.tokenizer_record import CHECKPOINT_KEY, TokenizerRecord, record_for
 from moc_megatron.hf import names
 from moc_megatron.hf.export import staging_folder
+from moc_megatron.hf.families import UnsupportedSourceError, backbone_from_dense
 from moc_megatron.hf.hf_tokenizer import RECORD_FILE
-
-SUPPORTED = "MoC folders exported by tools/convert_checkpoint.py and LlamaForCausalLM-layout models"
 
 
 class ImportError_(RuntimeError):
@@ -61,32 +60,11 @@ def read_hf_config(folder: str) -> dict:
 
 
 def _dense_as_moc(cfg: dict) -> dict:
-    """The MoC ``config.json`` fields of a dense Llama-layout config (memory fields come from flags)."""
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise ImportError_(f"unsupported architecture {cfg.get('model_type')!r} {archs}: supported are {SUPPORTED}")
-    problems = []
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        problems.append("q/k/v or MLP biases (attention_bias/mlp_bias, as Qwen2-style models have)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (only SwiGLU with silu)")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        problems.append(f"RoPE scaling {rope.get('rope_type')!r} (only plain RoPE)")
-    if problems:
-        raise ImportError_("cannot import this model: " + "; ".join(problems))
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    heads = cfg["num_attention_heads"]
-    return dict(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
-        initializer_range=cfg.get("initializer_range", 0.02),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), memory_layers=[],
-    )
+    """The MoC ``config.json`` fields of a dense source config (memory fields come from flags)."""
+    try:
+        return backbone_from_dense(cfg)
+    except UnsupportedSourceError as exc:
+        raise ImportError_(str(exc)) from exc
 
 
 def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[str]:
@@ -109,6 +87,12 @@ def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[s
     ]
     if config["num_key_value_heads"] != config["num_attention_heads"]:
         flags.append("--group-query-attention")
+    if config.get("qkv_bias"):
+        flags.append("--add-qkv-bias")
+    if config.get("qk_norm"):
+        flags.append("--qk-layernorm")
+    if config["rope_parameters"].get("rope_type", "default") == "llama3":
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(config["rope_parameters"]["factor"]))]
     if not config["tie_word_embeddings"]:
         flags.append("--untie-embeddings-and-output-weights")
     return flags

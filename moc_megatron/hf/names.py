@@ -19,7 +19,19 @@ NORM_KEY_ALTERNATIVES = {
     ".mlp.linear_fc1.layer_norm_norm.weight": ".mlp.linear_fc1.layer_norm_weight",
     ".pre_cross_attn_layernorm.norm.weight": ".pre_cross_attn_layernorm.weight",
     "decoder.final_layernorm.norm.weight": "decoder.final_layernorm.weight",
+    ".self_attention.q_layernorm.norm.weight": ".self_attention.q_layernorm.weight",
+    ".self_attention.k_layernorm.norm.weight": ".self_attention.k_layernorm.weight",
 }
+
+# megatron-core 0.16.1's Llama 3.x RoPE scaling takes only the factor; the rest is fixed at these values.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_parameters(theta: float, scaling_factor: float | None) -> dict:
+    """``rope_parameters`` of ``config.json``: plain RoPE, or Llama 3.x scaling with megatron-core's fixed values."""
+    if scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": float(theta)}
+    return {"rope_type": "llama3", "rope_theta": float(theta), "factor": float(scaling_factor), **LLAMA3_ROPE_FIXED}
 
 
 class UnsupportedModelError(ValueError):
@@ -52,8 +64,6 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
         problems.append("an MLP that is not SwiGLU (--swiglu)")
     if signature.get("add_bias_linear"):
         problems.append("linear biases (give --disable-bias-linear)")
-    if signature.get("qk_layernorm"):
-        problems.append("qk layernorm")
     if problems:
         raise UnsupportedModelError("the Hugging Face MoC model does not support " + "; ".join(problems))
     heads = signature["num_attention_heads"]
@@ -68,9 +78,12 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
         head_dim=signature.get("kv_channels") or signature["hidden_size"] // heads,
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
         rms_norm_eps=args.get("norm_epsilon", 1e-5),
-        rope_parameters={"rope_type": "default", "rope_theta": float(signature["rotary_base"])},
+        rope_parameters=rope_parameters(signature["rotary_base"], signature.get("rope_scaling_factor")
+                                        if signature.get("rope_scaling") else None),
         initializer_range=args.get("init_method_std", 0.02),
         tie_word_embeddings=bool(signature["tie_embeddings"]),
+        qkv_bias=bool(signature.get("add_qkv_bias")),
+        qk_norm=bool(signature.get("qk_layernorm")),
         memory_layers=sorted(memory),
     )
     if memory:
@@ -119,8 +132,16 @@ def parameter_plan(config: dict, padded_vocab: int | None = None) -> list[Entry]
             Entry(hf + "self_attn.q_proj.weight", qkv, "q", (heads * hd, h)),
             Entry(hf + "self_attn.k_proj.weight", qkv, "k", (groups * hd, h)),
             Entry(hf + "self_attn.v_proj.weight", qkv, "v", (groups * hd, h)),
-            Entry(hf + "self_attn.o_proj.weight", mg + "self_attention.linear_proj.weight", shape=(h, heads * hd)),
         ]
+        if config.get("qkv_bias"):
+            bias = mg + "self_attention.linear_qkv.bias"
+            plan += [Entry(hf + f"self_attn.{p}_proj.bias", bias, p, (n * hd,))
+                     for p, n in (("q", heads), ("k", groups), ("v", groups))]
+        if config.get("qk_norm"):
+            plan += [Entry(hf + f"self_attn.{p}_norm.weight", mg + f"self_attention.{p}_layernorm.norm.weight",
+                           shape=(hd,)) for p in ("q", "k")]
+        plan.append(Entry(hf + "self_attn.o_proj.weight", mg + "self_attention.linear_proj.weight",
+                          shape=(h, heads * hd)))
         if i in memory:
             plan += _memory_plan(config, hf, mg)
         fc1 = mg + "mlp.linear_fc1.weight"
@@ -191,11 +212,12 @@ def split(tensor: torch.Tensor, entries: list[Entry], config: dict) -> list[torc
         return [gate if e.part == "gate" else up for e in entries]
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     per = heads // groups
-    grouped = tensor.view(groups, per + 2, hd, -1)
+    rest = tuple(tensor.shape[1:])  # (hidden,) of the weight, () of the bias
+    grouped = tensor.view(groups, per + 2, hd, *rest)
     parts = {
-        "q": grouped[:, :per].reshape(heads * hd, -1),
-        "k": grouped[:, per].reshape(groups * hd, -1),
-        "v": grouped[:, per + 1].reshape(groups * hd, -1),
+        "q": grouped[:, :per].reshape(heads * hd, *rest),
+        "k": grouped[:, per].reshape(groups * hd, *rest),
+        "v": grouped[:, per + 1].reshape(groups * hd, *rest),
     }
     return [parts[e.part].contiguous() for e in entries]
 
@@ -215,11 +237,11 @@ def fuse(tensors: dict[str, torch.Tensor], entries: list[Entry], config: dict) -
         return torch.cat([by_part["gate"], by_part["up"]], dim=0)
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     per = heads // groups
-    h = by_part["q"].shape[-1]
-    q = by_part["q"].view(groups, per, hd, h)
-    k = by_part["k"].view(groups, 1, hd, h)
-    v = by_part["v"].view(groups, 1, hd, h)
-    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, h)
+    rest = tuple(by_part["q"].shape[1:])
+    q = by_part["q"].view(groups, per, hd, *rest)
+    k = by_part["k"].view(groups, 1, hd, *rest)
+    v = by_part["v"].view(groups, 1, hd, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, *rest)
 
 
 def group_by_key(plan: list[Entry]) -> list[tuple[str, list[Entry]]]:

@@ -77,3 +77,22 @@ def tiny_hf_model(cls, config, folder: str, seed: int = 0):
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(folder)
     return model
+
+
+def load_megatron_checkpoint(root: str):
+    """The Megatron model of a saved checkpoint (``root`` with its tracker), fp32, eval mode."""
+    from megatron.core import dist_checkpointing
+
+    from moc_megatron.eval.models import build_megatron_model_from_args, resolve_checkpoint, saved_training_args
+
+    path, _ = resolve_checkpoint(root)
+    args, common = saved_training_args(path)
+    model = build_megatron_model_from_args(args, common["model_signature"])
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    model.load_state_dict(loaded["model"], strict=True)
+    return model.float().eval()
+
+
+def shard_bytes(folder: str) -> dict[str, bytes]:
+    """``{file name: bytes}`` of the safetensors shards of an exported folder."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if f.endswith(".safetensors")}
