@@ -176,3 +176,24 @@ def test_a_window_that_never_binds_is_accepted():
 
     config = transformers.MistralConfig(**{**SHAPE, **FAMILIES["mistral"][2], "sliding_window": 64}).to_dict()
     assert backbone_from_dense(config)["max_position_embeddings"] == 64  # window 64 >= context 64: plain attention
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+def test_imported_family_trains_with_the_printed_flags(tmp_path, name, mcore_world):
+    """``pretrain_moc.py`` with the flags the import prints loads the checkpoint (signature with qk_layernorm /
+    rope scaling) and trains from iteration 0."""
+    from moc_megatron.training.arguments import parse_args
+    from moc_megatron.training.loop import pretrain
+
+    _source(name, str(tmp_path / "source"))
+    lines = []
+    import_checkpoint(ImportOptions(hf=str(tmp_path / "source"), save=str(tmp_path / "ckpt"),
+                                    moc_flags=H.MEMORY_FLAGS), log=lines.append)
+    flags = lines[-1].split("\n", 1)[1].split()
+    flags = [*flags[: flags.index("--seq-length")], *flags[flags.index("--seq-length") + 2:]]
+    result = pretrain(parse_args([*flags, "--seq-length", "16", "--mock-data", "--micro-batch-size", "1",
+                                  "--train-iters", "1", "--lr", "1e-4", "--load", str(tmp_path / "ckpt"), "--save",
+                                  str(tmp_path / "ckpt"), "--save-interval", "1", "--eval-iters", "0",
+                                  "--num-workers", "0"], world_size=1, exit_on_error=False))
+    assert sorted(result.lm_losses) == [1]
+    assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read().strip() == "1"
