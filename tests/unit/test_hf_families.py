@@ -105,7 +105,6 @@ def test_family_features_map_to_megatron_options_and_matter(families):
     assert signatures["qwen2"]["add_qkv_bias"] and signatures["qwen3"]["qk_layernorm"]
     assert signatures["llama3"]["rope_scaling"] and signatures["llama3"]["rope_scaling_factor"] == 8.0
     changes = {
-        "llama3": lambda m: setattr(m.config, "rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
         "qwen2": lambda m: [layer.self_attn.k_proj.bias.zero_() for layer in m.model.layers],
         "qwen3": lambda m: [layer.self_attn.q_norm.weight.fill_(1.0) for layer in m.model.layers],
     }
@@ -115,6 +114,21 @@ def test_family_features_map_to_megatron_options_and_matter(families):
         with torch.no_grad():
             change(moc)
             assert (moc(x).logits - want).abs().max() > 1e-3, name
+
+
+def test_llama3_rope_frequencies_are_megatrons_and_transformers(families):
+    """The scaled RoPE frequencies of the exported model equal megatron-core's and transformers' own, and differ
+    from plain RoPE's (a tiny model's logits barely feel the low frequencies that llama3 scaling changes)."""
+    from moc_megatron.hf.modeling_moc import _inv_freq
+
+    source, ckpt, folder, _, _ = families["llama3"]
+    rope = json.load(open(os.path.join(folder, "config.json")))["rope_parameters"]
+    ours = _inv_freq(16, rope, torch.device("cpu"))
+    megatron = H.load_megatron_checkpoint(ckpt).rotary_pos_emb.inv_freq
+    assert torch.equal(ours, megatron.to(ours.dtype))
+    assert torch.allclose(ours, source.model.rotary_emb.inv_freq.float(), rtol=1e-6, atol=0)
+    plain = _inv_freq(16, {"rope_type": "default", "rope_theta": rope["rope_theta"]}, torch.device("cpu"))
+    assert (plain / ours).max() > 7.9  # the lowest frequencies are divided by the factor 8
 
 
 def test_exported_folders_load_in_plain_transformers_in_a_clean_process(families, tmp_path):
