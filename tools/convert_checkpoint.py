@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "without one); rows beyond it are Megatron's padding and are dropped.")
     ex.add_argument("--keep-padded-vocab", action="store_true",
                     help="Export Megatron's padded vocabulary (needed when the true vocabulary is unknown).")
-    im = sub.add_parser("import", help="HF folder (exported MoC, or dense LlamaForCausalLM + --moc-* flags) -> "
-                        "Megatron checkpoint at iteration 0",
+    im = sub.add_parser("import", help="HF folder (exported MoC, or dense Llama/Mistral/Qwen2/Qwen3 + --moc-* "
+                        "flags) -> Megatron checkpoint at iteration 0",
                         epilog="A dense model also takes pretrain_moc.py's --moc-* flags (--moc-memory-layers, "
                                "--moc-num-chapters, --moc-chapter-size, --moc-top-k, --moc-routing-unit, ...): the "
                                "memory to add, new and with W_O = 0.")

@@ -4,9 +4,11 @@ Two sources:
 
 - an exported MoC folder (``model_type: moc``): every tensor maps back through the same table as export,
   so export -> import -> export is bit-exact;
-- a dense Llama-layout model (``LlamaForCausalLM``: RMSNorm, RoPE, GQA, SwiGLU, no biases), given the
-  ``--moc-*`` flags of the memory to add: the backbone is copied, the memory layers are new (Megatron's
-  initialisation, ``W_O = 0``), so the model computes what the dense one did until it trains.
+- a dense Llama, Mistral, Qwen2 or Qwen3 model (``families.py`` says what maps to what and what is refused),
+  given the ``--moc-*`` flags of the memory to add: the backbone is copied, the memory layers are new
+  (Megatron's initialisation, ``W_O = 0``), so the model computes what the dense one did until it trains.
+
+The embedding and output layer get zero rows up to Megatron's padded vocabulary; export drops them again.
 
 The checkpoint is written as iteration 0 (weights only, no optimizer or RNG state) by building the
 model in this one process and saving its ``sharded_state_dict``. megatron stores global tensors, so the
