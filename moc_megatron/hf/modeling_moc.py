@@ -23,8 +23,6 @@ its batches on the right with id 0 and calls the model without a mask.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +57,7 @@ def _inv_freq(head_dim: int, rope: dict, device: torch.device) -> torch.Tensor:
         return inv_freq
     factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
     old_context = rope["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
+    wavelen = 2 * torch.pi / inv_freq  # torch.pi is math.pi (a float), as megatron-core uses
     scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
     smooth = (old_context / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
