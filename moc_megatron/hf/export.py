@@ -113,7 +113,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     reader = DistCheckpointReader(path)
     signature, args = reader.common.get("model_signature"), reader.common.get("args", {})
     if signature is None:
-        raise ExportError(f"{path}: common.pt has no model_signature (not saved by this project's pretrain_moc.py)")
+        raise ExportError(f"{path}: no model_signature (not saved by this project's pretrain_moc.py)")
     config = names.hf_config_from_signature(signature, args)
     padded = config["vocab_size"]
     tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type)

@@ -14,7 +14,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import (
@@ -27,6 +27,7 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.memory.memory_attention import MoCMemoryAttention, MoCMemorySubmodules
 from moc_megatron.model.core_attention import SDPACoreAttention
 from moc_megatron.model.norm import LocalNorm, MemoryRMSNorm, TEMemoryRMSNorm
+from moc_megatron.platform.megatron_versions import mlp_submodule
 
 
 def transformer_engine_available() -> bool:
@@ -58,10 +59,7 @@ def local_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=LocalNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp_submodule(MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as Transformer Engine's fused norm+linear modules.
             sharded_state_dict_keys_map={

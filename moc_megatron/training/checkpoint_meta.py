@@ -20,6 +20,7 @@ import tempfile
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.model.builder import ModelSettings
+from moc_megatron.platform.megatron_versions import is_complete_checkpoint
 from moc_megatron.training.moc_flags import flag_name
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -85,8 +86,8 @@ def read_tracker(root: str) -> int | None:
 
 
 def is_saved_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a complete ``dist_checkpointing`` save (its ``metadata.json`` is written last)."""
-    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt"))
+    """Whether ``path`` is a complete ``dist_checkpointing`` save of any supported megatron-core release."""
+    return is_complete_checkpoint(path)
 
 
 def resolve_existing(load: str, iteration: int | None = None, flag: str = "--load") -> tuple[str, int]:
@@ -130,7 +131,7 @@ def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tup
     match = _ITER_RE.fullmatch(os.path.basename(os.path.normpath(load)))
     if match:
         if not is_saved_checkpoint(load):
-            raise CheckpointNotFoundError(f"{flag} {load}: an incomplete checkpoint (no metadata.json/common.pt)")
+            raise CheckpointNotFoundError(f"{flag} {load}: an incomplete checkpoint (no metadata.json or common state)")
         return load, int(match.group(1))
     entries = sorted(e for e in os.listdir(load) if not e.startswith("."))
     if not entries or own_save:
