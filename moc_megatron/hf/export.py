@@ -116,8 +116,8 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
         raise ExportError(f"{path}: no model_signature (not saved by this project's pretrain_moc.py)")
     config = names.hf_config_from_signature(signature, args)
     padded = config["vocab_size"]
-    tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type)
     recorded = record_from_checkpoint_state(reader.common)
+    tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type, recorded)
     layout = reader.common.get("parallel_layout") or {}
     special = check_tokenizer(tokenizer, padded, args, layout, recorded, f"the checkpoint {path}")
     vocab, source = true_vocabulary(tokenizer, recorded, args, opts.vocab_size)

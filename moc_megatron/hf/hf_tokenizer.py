@@ -42,9 +42,14 @@ class TokenizerSpec:
     model: str | None
 
     @classmethod
-    def from_args(cls, args: dict, model: str | None, type_: str | None) -> TokenizerSpec:
-        """The command line's tokenizer, else the one recorded in the checkpoint's arguments."""
+    def from_args(cls, args: dict, model: str | None, type_: str | None,
+                  recorded: TokenizerRecord | None = None) -> TokenizerSpec:
+        """The command line's tokenizer, else the one in the checkpoint's arguments, else the file its tokenizer
+        record names if it is still there (an imported model's ``tokenizer.json``)."""
         if model is None:
+            if args.get("tokenizer_model") is None and recorded is not None and recorded.model_path \
+                    and os.path.isfile(recorded.model_path):
+                return cls(recorded.tokenizer_type, recorded.model_path)
             return cls(args.get("tokenizer_type"), args.get("tokenizer_model"))
         if type_ is None:
             type_ = "SentencePieceTokenizer" if model.endswith(".model") and os.path.isfile(model) \

@@ -173,12 +173,18 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
         raise ImportError_(f"--save {opts.save} already exists; remove it or choose another folder")
     source = read_hf_config(opts.hf)
     dense = source.get("model_type") != "moc"
+    record = hf_tokenizer_record(opts.hf)
     if dense:
         if not any(f.startswith("--moc-memory-layers") for f in opts.moc_flags):
             raise ImportError_(f"--hf {opts.hf} is a dense {source.get('model_type')!r} model: give "
                                "--moc-memory-layers (and the other --moc-* flags) for the memory to add")
         config = _dense_as_moc(source)
         mem = list(opts.moc_flags)
+        rows = config["vocab_size"]
+        config["vocab_size"] = _dense_vocabulary(rows, record, opts.hf)
+        if config["vocab_size"] < rows:
+            log(f"[import] {opts.hf}: the tokenizer has {config['vocab_size']} tokens, the model {rows} embedding "
+                "rows; the rows no token reaches are dropped (Megatron pads the tokenizer's vocabulary)")
     else:
         if opts.moc_flags:
             raise ImportError_("--moc-* flags are only for a dense model; a MoC folder keeps its own memory")
@@ -216,7 +222,7 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
             raise ImportError_(f"internal: the Megatron model has no checkpoint key {key!r}")
         if dense and any(_is_memory(e.hf_name) for e in entries):
             continue  # new memory: keep Megatron's initialisation (W_O = 0)
-        value = names.fuse({e.hf_name: tensors.get(e.hf_name) for e in entries}, entries, hf_view)
+        value = names.fuse({e.hf_name: _rows(tensors.get(e.hf_name), e) for e in entries}, entries, hf_view)
         data = target.data
         if tuple(value.shape) != tuple(data.shape):
             raise ImportError_(f"{entries[0].hf_name}: shape {list(value.shape)}, the model needs {list(data.shape)}")
@@ -229,7 +235,7 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, meta.checkpoint_name(0)))
     save_weights_checkpoint({"model": sharded}, args, megatron_config, settings,
-                            os.path.join(staging, meta.checkpoint_name(0)), hf_tokenizer_record(opts.hf))
+                            os.path.join(staging, meta.checkpoint_name(0)), record)
     meta.write_tracker(staging, 0)
     os.rename(staging, opts.save)
     log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied"
@@ -237,6 +243,24 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     log("[import] train or finetune it with these model flags:\n  " + " ".join(
         f for f in training_flags(config, opts, config["vocab_size"]) + mem))
     return opts.save
+
+
+def _dense_vocabulary(rows: int, record: TokenizerRecord | None, folder: str) -> int:
+    """The vocabulary of a dense model: its tokenizer's (the folder's ``tokenizer.json``) when the model has more
+    embedding rows than the tokenizer has tokens (Qwen2.5: 151665 tokens, 151936 rows), else its rows."""
+    if record is None or record.vocab_size == rows:
+        return rows
+    if record.vocab_size > rows:
+        raise ImportError_(f"--hf {folder}: the tokenizer has {record.vocab_size} tokens but the model only {rows} "
+                           "embedding rows (vocab_size)")
+    return record.vocab_size
+
+
+def _rows(tensor: torch.Tensor, entry: names.Entry) -> torch.Tensor:
+    """The first rows of a source embedding or LM head whose model has more rows than its tokenizer has tokens."""
+    if entry.hf_name in ("model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] > entry.shape[0]:
+        return tensor[: entry.shape[0]]
+    return tensor
 
 
 def _is_memory(hf_name: str) -> bool:

@@ -95,3 +95,28 @@ def test_dense_llama_with_odd_vocabulary_round_trips(tmp_path, mcore_world, voca
     x = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (moc(x).logits - llama(x).logits).abs().max() <= 1e-4
+
+
+def test_dense_model_with_more_rows_than_its_tokenizer_imports_the_tokenizers_vocabulary(tmp_path, mcore_world,
+                                                                                        hf_tokenizer_dir):
+    """Qwen2.5's case (151665 tokens, 151936 embedding rows), small: a Qwen2 model with 1064 rows and a 600-token
+    tokenizer.json imports with Megatron's padding of the tokenizer (640 rows) and exports 600 tokens with the
+    source's logits over them."""
+    import shutil
+
+    cfg = transformers.Qwen2Config(vocab_size=1064, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    source = H.tiny_hf_model(transformers.Qwen2ForCausalLM, cfg, str(tmp_path / "qwen"))
+    for name in os.listdir(hf_tokenizer_dir):
+        shutil.copy(os.path.join(hf_tokenizer_dir, name), tmp_path / "qwen" / name)
+    import_checkpoint(ImportOptions(hf=str(tmp_path / "qwen"), save=str(tmp_path / "ckpt"),
+                                    moc_flags=H.MEMORY_FLAGS), log=quiet)
+    assert H.load_megatron_checkpoint(str(tmp_path / "ckpt")).embedding.word_embeddings.weight.shape[0] == 640
+    export_checkpoint(ExportOptions(load=str(tmp_path / "ckpt"), output=str(tmp_path / "moc")), log=quiet)
+    moc = H.load_hf(str(tmp_path / "moc"))
+    assert moc.config.vocab_size == 600
+    x = torch.randint(0, 600, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (moc(x).logits - source(x).logits[..., :600]).abs().max() <= 1e-4
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "moc"), trust_remote_code=True)) == 600
