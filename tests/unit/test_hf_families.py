@@ -211,3 +211,52 @@ def test_imported_family_trains_with_the_printed_flags(tmp_path, name, mcore_wor
                                   "--num-workers", "0"], world_size=1, exit_on_error=False))
     assert sorted(result.lm_losses) == [1]
     assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read().strip() == "1"
+
+
+# config.json files as transformers 4.x wrote them (``rope_scaling`` + top-level ``rope_theta``), with the fields
+# this converter reads, shaped like the hub's Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, SmolLM2-135M and Mistral-7B.
+HUB_STYLE = {
+    "llama-3.2": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+                      intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                    "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                      tie_word_embeddings=True, hidden_act="silu", attention_bias=False, mlp_bias=False),
+    "qwen2.5": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
+                    intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768,
+                    use_sliding_window=False, max_window_layers=21, tie_word_embeddings=True, hidden_act="silu"),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+                  intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000,
+                  rope_scaling=None, sliding_window=None, use_sliding_window=False, attention_bias=False,
+                  tie_word_embeddings=True, hidden_act="silu"),
+    "smollm2": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000, rope_scaling=None,
+                    tie_word_embeddings=True, hidden_act="silu"),
+    "mistral-v0.1": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000,
+                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         sliding_window=4096, tie_word_embeddings=False, hidden_act="silu"),
+}
+
+
+def test_hub_style_configs_map_or_are_refused():
+    from moc_megatron.hf.families import UnsupportedSourceError, backbone_from_dense
+    from moc_megatron.hf.importer import ImportOptions, training_flags
+
+    llama = backbone_from_dense(HUB_STYLE["llama-3.2"])
+    assert llama["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192}
+    assert training_flags(llama, ImportOptions(hf="", save=""), llama["vocab_size"])[-3:] == [
+        "--use-rope-scaling", "--rope-scaling-factor", "32.0"]
+    qwen2 = backbone_from_dense(HUB_STYLE["qwen2.5"])
+    assert qwen2["qkv_bias"] and qwen2["head_dim"] == 64 and qwen2["rope_parameters"]["rope_theta"] == 1e6
+    qwen3 = backbone_from_dense(HUB_STYLE["qwen3"])
+    assert qwen3["qk_norm"] and qwen3["head_dim"] == 128 and not qwen3["qkv_bias"]
+    smol = backbone_from_dense(HUB_STYLE["smollm2"])
+    assert smol["tie_word_embeddings"] and smol["num_key_value_heads"] == 3
+    with pytest.raises(UnsupportedSourceError, match=r"sliding_window=4096 < max_position_embeddings=32768"):
+        backbone_from_dense(HUB_STYLE["mistral-v0.1"])
