@@ -99,7 +99,9 @@ def build_megatron_model_from_args(args: argparse.Namespace, signature: dict) ->
         setattr(args, name, value)
     config = transformer_config_from_args(args)
     settings = ModelSettings(vocab_size=signature["vocab_size"], max_sequence_length=args.max_position_embeddings,
-                             tie_embeddings=signature["tie_embeddings"], rotary_base=signature["rotary_base"])
+                             tie_embeddings=signature["tie_embeddings"], rotary_base=signature["rotary_base"],
+                             rope_scaling=bool(signature.get("rope_scaling")),
+                             rope_scaling_factor=signature.get("rope_scaling_factor", 8.0))
     return build_model(config, settings, use_te=False)
 
 

@@ -39,8 +39,9 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def local_layer_spec() -> ModuleSpec:
-    """A decoder layer from megatron-core's own modules (runs anywhere, CPU included)."""
+def local_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """A decoder layer from megatron-core's own modules (runs anywhere, CPU included); ``qk_layernorm``:
+    a norm (``config.normalization``) on each query and key head."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -52,8 +53,8 @@ def local_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPACoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=LocalNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=LocalNorm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -69,11 +70,11 @@ def local_layer_spec() -> ModuleSpec:
     )
 
 
-def te_layer_spec() -> ModuleSpec:
+def te_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """megatron-core's Transformer Engine decoder layer (FP8-capable on H100)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
 def local_memory_submodules() -> MoCMemorySubmodules:
@@ -113,7 +114,7 @@ def block_spec(config: MoCConfig, use_te: bool | None = None, vp_stage: int | No
     """Specs for the layers this pipeline stage builds, memory layers where the config says."""
     if use_te is None:
         use_te = transformer_engine_available()
-    base = te_layer_spec() if use_te else local_layer_spec()
+    base = te_layer_spec(config.qk_layernorm) if use_te else local_layer_spec(config.qk_layernorm)
     memory = memory_layer_spec(base, use_te)
     if num_layers_on_stage is None:
         from megatron.core.transformer.transformer_block import get_num_layers_to_build

@@ -52,6 +52,7 @@ _FLAG_OF = {
     "add_bias_linear": "--disable-bias-linear",
     "vocab_size": "vocabulary: the tokenizer or --vocab-size, padded to --make-vocab-size-divisible-by x TP",
     "tie_embeddings": "--untie-embeddings-and-output-weights",
+    "rope_scaling": "--use-rope-scaling",
 }
 
 
@@ -190,6 +191,11 @@ def model_signature(config: MoCConfig, settings: ModelSettings) -> dict:
     sig["moc_memory_layers"] = sorted(sig["moc_memory_layers"])
     sig["activation_func"] = getattr(config.activation_func, "__name__", str(config.activation_func))
     sig.update({name: getattr(settings, name) for name in SIGNATURE_SETTINGS_FIELDS})
+    # Recorded only when on: signatures of checkpoints saved before these flags existed stay the same.
+    if config.add_qkv_bias:
+        sig["add_qkv_bias"] = True
+    if settings.rope_scaling:
+        sig.update(rope_scaling=True, rope_scaling_factor=settings.rope_scaling_factor)
     return sig
 
 
