@@ -2,6 +2,7 @@
 
     export --load CKPT_DIR --output HF_DIR [--iteration N] [--tokenizer-model PATH] [--dtype fp32|bf16]
            [--max-shard-size 5GB]
+           [--vocab-size N | --keep-padded-vocab]
     import --hf HF_DIR --save CKPT_DIR [--tensor-model-parallel-size N --pipeline-model-parallel-size N
            --expert-model-parallel-size N] [--moc-memory-layers ... other --moc-* flags: dense models only]
 
@@ -36,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Type of --tokenizer-model (default: from its file name).")
     ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written weights.")
     ex.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard (e.g. 5GB, 500MB).")
-    im = sub.add_parser("import", help="HF folder (exported MoC, or dense LlamaForCausalLM + --moc-* flags) -> "
-                        "Megatron checkpoint at iteration 0",
+    ex.add_argument("--vocab-size", type=int, default=None,
+                    help="True vocabulary of the model (default: the tokenizer's, or the saving run's --vocab-size "
+                         "without one); rows beyond it are Megatron's padding and are dropped.")
+    ex.add_argument("--keep-padded-vocab", action="store_true",
+                    help="Export Megatron's padded vocabulary (needed when the true vocabulary is unknown).")
+    im = sub.add_parser("import", help="HF folder (exported MoC, or dense Llama/Mistral/Qwen2/Qwen3 + --moc-* "
+                        "flags) -> Megatron checkpoint at iteration 0",
                         epilog="A dense model also takes pretrain_moc.py's --moc-* flags (--moc-memory-layers, "
                                "--moc-num-chapters, --moc-chapter-size, --moc-top-k, --moc-routing-unit, ...): the "
                                "memory to add, new and with W_O = 0.")
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             export_checkpoint(ExportOptions(load=args.load, output=args.output, iteration=args.iteration,
                                             tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
-                                            dtype=args.dtype, max_shard_size=args.max_shard_size))
+                                            dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                            vocab_size=args.vocab_size, keep_padded_vocab=args.keep_padded_vocab))
         else:
             import_checkpoint(ImportOptions(
                 hf=args.hf, save=args.save, tensor_model_parallel_size=args.tensor_model_parallel_size,

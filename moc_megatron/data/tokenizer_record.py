@@ -135,16 +135,16 @@ def read_dataset_record(prefix: str) -> TokenizerRecord | None:
 
 
 def record_from_checkpoint_state(common: dict[str, Any]) -> TokenizerRecord | None:
-    """The record in a checkpoint's common state dict (``dist_checkpointing.load_common_state_dict``)."""
+    """The record in a checkpoint's common state dict (``platform.megatron_versions.read_common_state``)."""
     data = common.get(CHECKPOINT_KEY)
     return None if data is None else TokenizerRecord.from_dict(data)
 
 
 def record_from_checkpoint(path: str) -> TokenizerRecord | None:
     """The record stored in a saved checkpoint folder (an ``iter_XXXXXXX`` folder), or ``None``."""
-    from megatron.core import dist_checkpointing
+    from moc_megatron.platform.megatron_versions import read_common_state
 
-    return record_from_checkpoint_state(dist_checkpointing.load_common_state_dict(path))
+    return record_from_checkpoint_state(read_common_state(path))
 
 
 def tokenizer_differences(expected: TokenizerRecord, found: TokenizerRecord) -> list[str]:

@@ -70,9 +70,9 @@ def resolve_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[str
 
 def saved_training_args(path: str) -> tuple[argparse.Namespace, dict]:
     """The flags and the common state (signature, iteration, ...) stored in the checkpoint at ``path``."""
-    from megatron.core import dist_checkpointing
+    from moc_megatron.platform.megatron_versions import read_common_state
 
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)
     if "args" not in common or "model_signature" not in common:
         raise CheckpointLoadError(f"{path}: no saved arguments/model signature (not a pretrain_moc.py checkpoint)")
     return argparse.Namespace(**common["args"]), common
@@ -99,7 +99,9 @@ def build_megatron_model_from_args(args: argparse.Namespace, signature: dict) ->
         setattr(args, name, value)
     config = transformer_config_from_args(args)
     settings = ModelSettings(vocab_size=signature["vocab_size"], max_sequence_length=args.max_position_embeddings,
-                             tie_embeddings=signature["tie_embeddings"], rotary_base=signature["rotary_base"])
+                             tie_embeddings=signature["tie_embeddings"], rotary_base=signature["rotary_base"],
+                             rope_scaling=bool(signature.get("rope_scaling")),
+                             rope_scaling_factor=signature.get("rope_scaling_factor", 8.0))
     return build_model(config, settings, use_te=False)
 
 

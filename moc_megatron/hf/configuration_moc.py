@@ -13,6 +13,11 @@ from transformers import PretrainedConfig
 class MoCConfig(PretrainedConfig):
     """A decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU) whose ``memory_layers`` read a chapter bank.
 
+    Backbone options: ``qkv_bias`` (biases on the query/key/value projections, Qwen2's; Megatron's
+    ``--add-qkv-bias``), ``qk_norm`` (RMSNorm of each query and key head before RoPE, Qwen3's; ``--qk-layernorm``),
+    ``rope_parameters`` ``{"rope_type": "default" | "llama3", "rope_theta", ...}`` (Llama 3.x scaling:
+    ``--use-rope-scaling --rope-scaling-factor``).
+
     Memory fields (Megatron flag in brackets): ``memory_layers`` (``--moc-memory-layers``, 0-based),
     ``num_chapters`` ``C``, ``chapter_size`` ``T``, ``num_shared_chapters`` ``S``, ``memory_top_k``,
     ``memory_num_heads``, ``memory_num_kv_heads``, ``bank_dim``, ``routing_unit``
@@ -38,6 +43,8 @@ class MoCConfig(PretrainedConfig):
         rope_parameters: dict | None = None,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
         use_cache: bool = True,
         memory_layers: list[int] | None = None,
         num_chapters: int = 2,
@@ -70,6 +77,8 @@ class MoCConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
         self.initializer_range = initializer_range
+        self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
         self.use_cache = use_cache
         self.memory_layers = sorted(memory_layers or [])
         self.num_chapters = num_chapters
@@ -95,6 +104,9 @@ class MoCConfig(PretrainedConfig):
             **kwargs,
         )
         self._validate_memory()
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_parameters rope_type {rope_type!r} not supported (default or llama3)")
 
     @property
     def num_routed_chapters(self) -> int:

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training import checkpoint_meta as meta
 
 
@@ -34,15 +35,17 @@ class DistCheckpointReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self.common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
-        except FileNotFoundError as exc:
-            raise CheckpointReadError(f"{path}: no common.pt (not a complete megatron checkpoint)") from exc
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointReadError(f"{path}: no .metadata (not a complete torch_dist checkpoint)")
         self._reader = FileSystemReader(path)
         self.metadata = self._reader.read_metadata()
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
-        self._check_files()
+        self._check_files()  # first: since megatron-core 0.19 the common state lies in the .distcp files too
+        try:
+            self.common = read_common_state(path)
+        except FileNotFoundError as exc:
+            raise CheckpointReadError(f"{path}: no common state (not a complete megatron checkpoint)") from exc
 
     def _check_files(self) -> None:
         """Every ``.distcp`` file the metadata points into exists and is long enough (not truncated)."""

@@ -19,7 +19,13 @@ import torch
 from moc_megatron.data.tokenizer_record import record_from_checkpoint_state
 from moc_megatron.hf import names
 from moc_megatron.hf.dist_reader import DistCheckpointReader, resolve_checkpoint
-from moc_megatron.hf.hf_tokenizer import TokenizerSpec, check_tokenizer, write_tokenizer
+from moc_megatron.hf.hf_tokenizer import (
+    TokenizerSpec,
+    check_tokenizer,
+    check_vocab_pads_to,
+    true_vocabulary,
+    write_tokenizer,
+)
 from moc_megatron.hf.shard_writer import ShardWriter, parse_size, plan_shards
 
 MODEL_FILES = ("configuration_moc.py", "modeling_moc.py")
@@ -46,6 +52,10 @@ class ExportOptions:
     tokenizer_type: str | None = None
     dtype: str = "fp32"
     max_shard_size: str = "5GB"
+    vocab_size: int | None = None
+    """The true vocabulary (default: the tokenizer's, or the saving run's ``--vocab-size`` without one)."""
+    keep_padded_vocab: bool = False
+    """Export Megatron's padded vocabulary (``--make-vocab-size-divisible-by`` rows) instead of the true one."""
 
 
 def staging_folder(output: str) -> str:
@@ -103,21 +113,32 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     reader = DistCheckpointReader(path)
     signature, args = reader.common.get("model_signature"), reader.common.get("args", {})
     if signature is None:
-        raise ExportError(f"{path}: common.pt has no model_signature (not saved by this project's pretrain_moc.py)")
+        raise ExportError(f"{path}: no model_signature (not saved by this project's pretrain_moc.py)")
     config = names.hf_config_from_signature(signature, args)
-    plan = names.parameter_plan(config)
+    padded = config["vocab_size"]
+    recorded = record_from_checkpoint_state(reader.common)
+    tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type, recorded)
+    layout = reader.common.get("parallel_layout") or {}
+    special = check_tokenizer(tokenizer, padded, args, layout, recorded, f"the checkpoint {path}")
+    vocab, source = true_vocabulary(tokenizer, recorded, args, opts.vocab_size)
+    if opts.keep_padded_vocab:
+        vocab, source = padded, "--keep-padded-vocab"
+    elif vocab is None:
+        raise ExportError(f"{path}: the true vocabulary is unknown (no tokenizer recorded or given, no --vocab-size "
+                          f"in its arguments); give --tokenizer-model or --vocab-size, or --keep-padded-vocab to "
+                          f"export all {padded} padded rows")
+    else:
+        check_vocab_pads_to(vocab, padded, args, layout, source)
+    config["vocab_size"] = vocab
+    plan = names.parameter_plan(config, padded)
     groups = names.group_by_key(plan)
     stored = _check_shapes(reader, groups, config)
-    tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type)
-    recorded = record_from_checkpoint_state(reader.common)
-    special = check_tokenizer(tokenizer, config["vocab_size"], args, reader.common.get("parallel_layout") or {},
-                              recorded, f"the checkpoint {path}")
     dtype = DTYPES[opts.dtype]
     size = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards([([e.hf_name for e in entries], sum(torch.Size(e.shape).numel() for e in entries) * size)
                           for _, entries in groups], max_bytes)
     log(f"[export] {path}: {len(plan)} tensors -> {len(shards)} shard(s) of at most {opts.max_shard_size}, "
-        f"{opts.dtype}")
+        f"{opts.dtype}; vocabulary {vocab} ({source}; {padded} rows in the checkpoint)")
 
     staging = staging_folder(opts.output)
     shutil.rmtree(staging, ignore_errors=True)

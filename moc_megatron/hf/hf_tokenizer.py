@@ -4,8 +4,8 @@
 records its tokenizer (``moc_megatron.data.tokenizer_record``), any other tokenizer than that one. The record
 travels with the export as ``tokenizer_record.json`` so an import puts it back.
 A sentencepiece ``.model`` is converted to a ``tokenizer.json``
-(``tokenizers`` library only, loads in transformers 4.x and 5.x) and the conversion is verified to encode
-like sentencepiece on sample text; a Hugging Face tokenizer folder is copied.
+(``tokenizers`` library only, loads in transformers 4.x and 5.x; ``sp_convert.py``) and the conversion is
+verified to encode and decode like sentencepiece on sample text; a Hugging Face tokenizer folder is copied.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from moc_megatron.data.tokenizer_record import (
     record_from_tokenizer,
     write_record_file,
 )
+from moc_megatron.hf.sp_convert import ConversionError, check_conversion, sentencepiece_to_tokenizers
 from moc_megatron.model.builder import pad_vocab_size
 
-_SAMPLES = ("Hello world! The quick brown fox jumps over the lazy dog.",
-            "  def f(x):\n\treturn x ** 2  # 42, 3.14\n", "Ünïcödé — naïve café, 東京 1999")
 RECORD_FILE = "tokenizer_record.json"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -43,9 +42,14 @@ class TokenizerSpec:
     model: str | None
 
     @classmethod
-    def from_args(cls, args: dict, model: str | None, type_: str | None) -> TokenizerSpec:
-        """The command line's tokenizer, else the one recorded in the checkpoint's arguments."""
+    def from_args(cls, args: dict, model: str | None, type_: str | None,
+                  recorded: TokenizerRecord | None = None) -> TokenizerSpec:
+        """The command line's tokenizer, else the one in the checkpoint's arguments, else the file its tokenizer
+        record names if it is still there (an imported model's ``tokenizer.json``)."""
         if model is None:
+            if args.get("tokenizer_model") is None and recorded is not None and recorded.model_path \
+                    and os.path.isfile(recorded.model_path):
+                return cls(recorded.tokenizer_type, recorded.model_path)
             return cls(args.get("tokenizer_type"), args.get("tokenizer_model"))
         if type_ is None:
             type_ = "SentencePieceTokenizer" if model.endswith(".model") and os.path.isfile(model) \
@@ -87,6 +91,32 @@ def check_tokenizer(spec: TokenizerSpec, model_vocab: int, args: dict, layout: d
             "padding_id_without_mask": 0 if _id0_is_not_text(tok) else None}
 
 
+def true_vocabulary(spec: TokenizerSpec, recorded: TokenizerRecord | None, args: dict,
+                    given: int | None = None) -> tuple[int | None, str]:
+    """The vocabulary the model was trained on and where it comes from: ``given`` (``--vocab-size``), else the
+    tokenizer's (given or the saving run's), else the checkpoint's tokenizer record, else the saving run's
+    ``--vocab-size`` when it had no tokenizer (mock data, an imported model); ``(None, ...)`` when unknown."""
+    if given is not None:
+        return given, "--vocab-size"
+    tok = spec.build()
+    if tok is not None:
+        return tok.vocab_size, f"tokenizer {spec.model}"
+    if recorded is not None:
+        return recorded.vocab_size, "the checkpoint's tokenizer record"
+    if args.get("tokenizer_type") is None and args.get("vocab_size"):
+        return int(args["vocab_size"]), "the saving run's --vocab-size"
+    return None, "unknown"
+
+
+def check_vocab_pads_to(vocab: int, padded: int, args: dict, layout: dict, source: str) -> None:
+    """Raise :class:`TokenizerError` unless ``vocab`` pads to the model's ``padded`` rows as the saving run padded."""
+    divisible = args.get("make_vocab_size_divisible_by") or 128
+    want = pad_vocab_size(vocab, divisible, layout.get("tp") or 1)
+    if vocab > padded or want != padded:
+        raise TokenizerError(f"vocabulary {vocab} ({source}) pads to {want}, but the model has {padded} rows "
+                             f"(--make-vocab-size-divisible-by {divisible} x TP {layout.get('tp') or 1})")
+
+
 def _id0_is_not_text(tok: MoCTokenizer) -> bool:
     """Whether token id 0 is the unk or pad token (what lm-evaluation-harness pads with)."""
     if tok.pad == 0:
@@ -114,72 +144,13 @@ def write_tokenizer(spec: TokenizerSpec, folder: str, recorded: TokenizerRecord 
             _write_tokenizer_config(folder, tok)
         return
     fast = sentencepiece_to_tokenizers(spec.model)
-    for text in _SAMPLES:
-        if fast.encode(text, add_special_tokens=False).ids != tok.tokenize(text):
-            raise TokenizerError(f"converting {spec.model} to tokenizer.json changes how {text!r} is tokenized")
+    try:
+        check_conversion(spec.model, fast)
+    except ConversionError as exc:
+        raise TokenizerError(str(exc)) from exc
     fast.save(os.path.join(folder, "tokenizer.json"))
     shutil.copyfile(spec.model, os.path.join(folder, "tokenizer.model"))
     _write_tokenizer_config(folder, tok)
-
-
-def sentencepiece_to_tokenizers(model_path: str):
-    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece model (BPE or unigram).
-
-    Follows the model's own normaliser settings (precompiled charsmap, extra-whitespace removal, dummy
-    prefix, whitespace escaping), ranks BPE merges by piece score and keeps user-defined pieces whole, as
-    transformers 5.2x's ``SpmConverter.build_tokenizer_from_spm_proto`` does (ported here so the export
-    does not depend on the transformers version).
-    """
-    import re
-
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE, Unigram
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(model_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    spec, pieces = proto.normalizer_spec, proto.pieces
-    byte_fallback = proto.trainer_spec.byte_fallback
-    user_defined = [p.piece for p in pieces if p.type == 4]
-    if proto.trainer_spec.model_type == 2:  # BPE
-        vocab = {p.piece: i for i, p in enumerate(pieces)}
-        normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == 1}
-        ranked = [(-normal[t][0], normal[t][1], t[:k], t[k:]) for t in normal for k in range(1, len(t))
-                  if t[:k] in normal and t[k:] in normal]
-        merges = [(a, b) for _, _, a, b in sorted(ranked)]
-        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=proto.trainer_spec.unk_piece, fuse_unk=True,
-                                  byte_fallback=byte_fallback, dropout=None, ignore_merges=bool(user_defined)))
-    elif proto.trainer_spec.model_type == 1:  # unigram
-        tokenizer = Tokenizer(Unigram([(p.piece, p.score) for p in pieces], unk_id=proto.trainer_spec.unk_id,
-                                      byte_fallback=byte_fallback))
-    else:
-        raise TokenizerError(f"{model_path}: sentencepiece model type {proto.trainer_spec.model_type} not supported")
-    norms = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    if spec.remove_extra_whitespaces:
-        norms += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec.escape_whitespaces:
-        norms.append(normalizers.Replace(" ", "▁"))
-    tokenizer.normalizer = normalizers.Sequence(norms)
-    pre = []
-    if spec.add_dummy_prefix:
-        pre.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False))
-    if user_defined:
-        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
-        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
-    if pre:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(pre)
-    dec = [decoders.Replace("▁", " ")]
-    if byte_fallback:
-        dec.append(decoders.ByteFallback())
-    if spec.add_dummy_prefix:
-        dec += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
-    elif byte_fallback:
-        dec.append(decoders.Fuse())
-    tokenizer.decoder = decoders.Sequence(dec)
-    specials = [p.piece for p in pieces if p.type in (2, 3)]  # unknown, control
-    tokenizer.add_special_tokens(specials)
-    return tokenizer
 
 
 def _write_tokenizer_config(folder: str, tok: MoCTokenizer) -> None:

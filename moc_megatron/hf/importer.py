@@ -4,9 +4,11 @@ Two sources:
 
 - an exported MoC folder (``model_type: moc``): every tensor maps back through the same table as export,
   so export -> import -> export is bit-exact;
-- a dense Llama-layout model (``LlamaForCausalLM``: RMSNorm, RoPE, GQA, SwiGLU, no biases), given the
-  ``--moc-*`` flags of the memory to add: the backbone is copied, the memory layers are new (Megatron's
-  initialisation, ``W_O = 0``), so the model computes what the dense one did until it trains.
+- a dense Llama, Mistral, Qwen2 or Qwen3 model (``families.py`` says what maps to what and what is refused),
+  given the ``--moc-*`` flags of the memory to add: the backbone is copied, the memory layers are new
+  (Megatron's initialisation, ``W_O = 0``), so the model computes what the dense one did until it trains.
+
+The embedding and output layer get zero rows up to Megatron's padded vocabulary; export drops them again.
 
 The checkpoint is written as iteration 0 (weights only, no optimizer or RNG state) by building the
 model in this one process and saving its ``sharded_state_dict``. megatron stores global tensors, so the
@@ -28,9 +30,8 @@ import torch
 from moc_megatron.data.tokenizer_record import CHECKPOINT_KEY, TokenizerRecord, record_for
 from moc_megatron.hf import names
 from moc_megatron.hf.export import staging_folder
+from moc_megatron.hf.families import UnsupportedSourceError, backbone_from_dense
 from moc_megatron.hf.hf_tokenizer import RECORD_FILE
-
-SUPPORTED = "MoC folders exported by tools/convert_checkpoint.py and LlamaForCausalLM-layout models"
 
 
 class ImportError_(RuntimeError):
@@ -61,32 +62,11 @@ def read_hf_config(folder: str) -> dict:
 
 
 def _dense_as_moc(cfg: dict) -> dict:
-    """The MoC ``config.json`` fields of a dense Llama-layout config (memory fields come from flags)."""
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise ImportError_(f"unsupported architecture {cfg.get('model_type')!r} {archs}: supported are {SUPPORTED}")
-    problems = []
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        problems.append("q/k/v or MLP biases (attention_bias/mlp_bias, as Qwen2-style models have)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (only SwiGLU with silu)")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        problems.append(f"RoPE scaling {rope.get('rope_type')!r} (only plain RoPE)")
-    if problems:
-        raise ImportError_("cannot import this model: " + "; ".join(problems))
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    heads = cfg["num_attention_heads"]
-    return dict(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
-        initializer_range=cfg.get("initializer_range", 0.02),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), memory_layers=[],
-    )
+    """The MoC ``config.json`` fields of a dense source config (memory fields come from flags)."""
+    try:
+        return backbone_from_dense(cfg)
+    except UnsupportedSourceError as exc:
+        raise ImportError_(str(exc)) from exc
 
 
 def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[str]:
@@ -109,6 +89,12 @@ def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[s
     ]
     if config["num_key_value_heads"] != config["num_attention_heads"]:
         flags.append("--group-query-attention")
+    if config.get("qkv_bias"):
+        flags.append("--add-qkv-bias")
+    if config.get("qk_norm"):
+        flags.append("--qk-layernorm")
+    if config["rope_parameters"].get("rope_type", "default") == "llama3":
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(config["rope_parameters"]["factor"]))]
     if not config["tie_word_embeddings"]:
         flags.append("--untie-embeddings-and-output-weights")
     return flags
@@ -187,12 +173,18 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
         raise ImportError_(f"--save {opts.save} already exists; remove it or choose another folder")
     source = read_hf_config(opts.hf)
     dense = source.get("model_type") != "moc"
+    record = hf_tokenizer_record(opts.hf)
     if dense:
         if not any(f.startswith("--moc-memory-layers") for f in opts.moc_flags):
             raise ImportError_(f"--hf {opts.hf} is a dense {source.get('model_type')!r} model: give "
                                "--moc-memory-layers (and the other --moc-* flags) for the memory to add")
         config = _dense_as_moc(source)
         mem = list(opts.moc_flags)
+        rows = config["vocab_size"]
+        config["vocab_size"] = _dense_vocabulary(rows, record, opts.hf)
+        if config["vocab_size"] < rows:
+            log(f"[import] {opts.hf}: the tokenizer has {config['vocab_size']} tokens, the model {rows} embedding "
+                "rows; the rows no token reaches are dropped (Megatron pads the tokenizer's vocabulary)")
     else:
         if opts.moc_flags:
             raise ImportError_("--moc-* flags are only for a dense model; a MoC folder keeps its own memory")
@@ -217,8 +209,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     hf_view = dict(config)
     if dense:
         signature = meta.model_signature(megatron_config, settings)
-        hf_view.update(names.hf_config_from_signature(signature, vars(args)))
-    plan = names.parameter_plan(hf_view)
+        hf_view.update(names.hf_config_from_signature(signature, vars(args)), vocab_size=config["vocab_size"])
+    plan = names.parameter_plan(hf_view, settings.vocab_size)  # zero rows pad the vocabulary as training will
     sharded = model.sharded_state_dict()
     by_key = {getattr(v, "key", None): v for v in sharded.values()}
     copied = 0
@@ -230,13 +222,8 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
             raise ImportError_(f"internal: the Megatron model has no checkpoint key {key!r}")
         if dense and any(_is_memory(e.hf_name) for e in entries):
             continue  # new memory: keep Megatron's initialisation (W_O = 0)
-        value = names.fuse({e.hf_name: tensors.get(e.hf_name) for e in entries}, entries, hf_view)
+        value = names.fuse({e.hf_name: _rows(tensors.get(e.hf_name), e) for e in entries}, entries, hf_view)
         data = target.data
-        vocab_rows = entries[0].hf_name in ("model.embed_tokens.weight", "lm_head.weight")
-        if vocab_rows and value.shape[0] < data.shape[0]:
-            padded = torch.zeros_like(data)  # Megatron's padded vocabulary rows stay zero
-            padded[: value.shape[0]] = value
-            value = padded
         if tuple(value.shape) != tuple(data.shape):
             raise ImportError_(f"{entries[0].hf_name}: shape {list(value.shape)}, the model needs {list(data.shape)}")
         with torch.no_grad():
@@ -248,7 +235,7 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, meta.checkpoint_name(0)))
     save_weights_checkpoint({"model": sharded}, args, megatron_config, settings,
-                            os.path.join(staging, meta.checkpoint_name(0)), hf_tokenizer_record(opts.hf))
+                            os.path.join(staging, meta.checkpoint_name(0)), record)
     meta.write_tracker(staging, 0)
     os.rename(staging, opts.save)
     log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied"
@@ -256,6 +243,24 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     log("[import] train or finetune it with these model flags:\n  " + " ".join(
         f for f in training_flags(config, opts, config["vocab_size"]) + mem))
     return opts.save
+
+
+def _dense_vocabulary(rows: int, record: TokenizerRecord | None, folder: str) -> int:
+    """The vocabulary of a dense model: its tokenizer's (the folder's ``tokenizer.json``) when the model has more
+    embedding rows than the tokenizer has tokens (Qwen2.5: 151665 tokens, 151936 rows), else its rows."""
+    if record is None or record.vocab_size == rows:
+        return rows
+    if record.vocab_size > rows:
+        raise ImportError_(f"--hf {folder}: the tokenizer has {record.vocab_size} tokens but the model only {rows} "
+                           "embedding rows (vocab_size)")
+    return record.vocab_size
+
+
+def _rows(tensor: torch.Tensor, entry: names.Entry) -> torch.Tensor:
+    """The first rows of a source embedding or LM head whose model has more rows than its tokenizer has tokens."""
+    if entry.hf_name in ("model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] > entry.shape[0]:
+        return tensor[: entry.shape[0]]
+    return tensor
 
 
 def _is_memory(hf_name: str) -> bool:

@@ -49,9 +49,25 @@ class MoCRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def _inv_freq(head_dim: int, rope: dict, device: torch.device) -> torch.Tensor:
+    """RoPE frequencies; ``rope_type`` ``llama3`` scales them as Llama 3.x (and megatron-core's ``rope_scaling``)."""
+    theta = float(rope["rope_theta"])
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if rope.get("rope_type", "default") != "llama3":
+        return inv_freq
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old_context = rope["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq  # torch.pi is math.pi (a float), as megatron-core uses
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rope(positions: torch.Tensor, head_dim: int, rope: dict, dtype: torch.dtype):
     """``cos, sin`` ``[b, 1, s, head_dim]`` of RoPE (non-interleaved halves, Megatron's and Llama's)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = _inv_freq(head_dim, rope, positions.device)
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -83,7 +99,8 @@ def _impl(config: MoCConfig) -> str:
 
 
 class MoCSelfAttention(nn.Module):
-    """Causal GQA self-attention with RoPE (``q_proj``/``k_proj``/``v_proj``/``o_proj``, no biases)."""
+    """Causal GQA self-attention with RoPE (``q_proj``/``k_proj``/``v_proj``/``o_proj``; q/k/v biases with
+    ``config.qkv_bias``; per-head RMSNorm of queries and keys before RoPE with ``config.qk_norm``)."""
 
     def __init__(self, config: MoCConfig, layer_idx: int) -> None:
         super().__init__()
@@ -91,10 +108,16 @@ class MoCSelfAttention(nn.Module):
         self.num_heads, self.num_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv * self.head_dim, bias=False)
+        bias = bool(getattr(config, "qkv_bias", False))
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        if getattr(config, "qk_norm", False):
+            self.q_norm = MoCRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = MoCRMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: Cache | None) -> torch.Tensor:
@@ -103,6 +126,8 @@ class MoCSelfAttention(nn.Module):
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, *rope), _rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -412,7 +437,7 @@ class MoCModel(MoCPreTrainedModel):
             counts = torch.cumsum(key_valid.long(), dim=1) - 1
             position_ids = counts[:, past:].clamp(min=0)
         cfg = self.config
-        rope = _rope(position_ids, cfg.head_dim, float(cfg.rope_parameters["rope_theta"]), h.dtype)
+        rope = _rope(position_ids, cfg.head_dim, cfg.rope_parameters, h.dtype)
         q_idx = torch.arange(s, device=h.device)[:, None] + past
         k_idx = torch.arange(past + s, device=h.device)[None, :]
         mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]

@@ -19,7 +19,19 @@ NORM_KEY_ALTERNATIVES = {
     ".mlp.linear_fc1.layer_norm_norm.weight": ".mlp.linear_fc1.layer_norm_weight",
     ".pre_cross_attn_layernorm.norm.weight": ".pre_cross_attn_layernorm.weight",
     "decoder.final_layernorm.norm.weight": "decoder.final_layernorm.weight",
+    ".self_attention.q_layernorm.norm.weight": ".self_attention.q_layernorm.weight",
+    ".self_attention.k_layernorm.norm.weight": ".self_attention.k_layernorm.weight",
 }
+
+# megatron-core 0.16.1's Llama 3.x RoPE scaling takes only the factor; the rest is fixed at these values.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_parameters(theta: float, scaling_factor: float | None) -> dict:
+    """``rope_parameters`` of ``config.json``: plain RoPE, or Llama 3.x scaling with megatron-core's fixed values."""
+    if scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": float(theta)}
+    return {"rope_type": "llama3", "rope_theta": float(theta), "factor": float(scaling_factor), **LLAMA3_ROPE_FIXED}
 
 
 class UnsupportedModelError(ValueError):
@@ -33,8 +45,11 @@ class Entry:
     hf_name: str
     megatron_key: str
     part: str = "copy"
-    """``copy``, ``q``/``k``/``v`` (slices of linear_qkv) or ``gate``/``up`` (halves of linear_fc1)."""
+    """``copy``, ``rows`` (the first ``shape[0]`` rows: the true vocabulary of a padded embedding or output
+    layer), ``q``/``k``/``v`` (slices of linear_qkv) or ``gate``/``up`` (halves of linear_fc1)."""
     shape: tuple[int, ...] = ()
+    megatron_rows: int = 0
+    """Rows of the Megatron tensor of a ``rows`` entry (the padded vocabulary)."""
 
 
 def hf_config_from_signature(signature: dict, args: dict) -> dict:
@@ -49,8 +64,6 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
         problems.append("an MLP that is not SwiGLU (--swiglu)")
     if signature.get("add_bias_linear"):
         problems.append("linear biases (give --disable-bias-linear)")
-    if signature.get("qk_layernorm"):
-        problems.append("qk layernorm")
     if problems:
         raise UnsupportedModelError("the Hugging Face MoC model does not support " + "; ".join(problems))
     heads = signature["num_attention_heads"]
@@ -65,9 +78,12 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
         head_dim=signature.get("kv_channels") or signature["hidden_size"] // heads,
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
         rms_norm_eps=args.get("norm_epsilon", 1e-5),
-        rope_parameters={"rope_type": "default", "rope_theta": float(signature["rotary_base"])},
+        rope_parameters=rope_parameters(signature["rotary_base"], signature.get("rope_scaling_factor")
+                                        if signature.get("rope_scaling") else None),
         initializer_range=args.get("init_method_std", 0.02),
         tie_word_embeddings=bool(signature["tie_embeddings"]),
+        qkv_bias=bool(signature.get("add_qkv_bias")),
+        qk_norm=bool(signature.get("qk_layernorm")),
         memory_layers=sorted(memory),
     )
     if memory:
@@ -89,12 +105,25 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
     return config
 
 
-def parameter_plan(config: dict) -> list[Entry]:
-    """Every tensor of the Hugging Face model (``config``: ``config.json`` fields), in file order."""
+def _vocab_entry(hf_name: str, key: str, vocab: int, padded: int | None, h: int) -> Entry:
+    if padded is None or padded == vocab:
+        return Entry(hf_name, key, shape=(vocab, h))
+    if padded < vocab:
+        raise UnsupportedModelError(f"the vocabulary ({vocab} tokens) is larger than the model's {padded} rows")
+    return Entry(hf_name, key, "rows", (vocab, h), padded)
+
+
+def parameter_plan(config: dict, padded_vocab: int | None = None) -> list[Entry]:
+    """Every tensor of the Hugging Face model (``config``: ``config.json`` fields), in file order.
+
+    ``padded_vocab``: rows of Megatron's embedding and output layer when they are padded beyond the
+    ``config["vocab_size"]`` rows of the Hugging Face model (export drops the padding, import adds zero rows).
+    """
     h, ffn = config["hidden_size"], config["intermediate_size"]
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     memory = config.get("memory_layers") or []
-    plan = [Entry("model.embed_tokens.weight", "embedding.word_embeddings.weight", shape=(config["vocab_size"], h))]
+    vocab = config["vocab_size"]
+    plan = [_vocab_entry("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab, padded_vocab, h)]
     for i in range(config["num_hidden_layers"]):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mg + "self_attention.linear_qkv.weight"
@@ -103,8 +132,16 @@ def parameter_plan(config: dict) -> list[Entry]:
             Entry(hf + "self_attn.q_proj.weight", qkv, "q", (heads * hd, h)),
             Entry(hf + "self_attn.k_proj.weight", qkv, "k", (groups * hd, h)),
             Entry(hf + "self_attn.v_proj.weight", qkv, "v", (groups * hd, h)),
-            Entry(hf + "self_attn.o_proj.weight", mg + "self_attention.linear_proj.weight", shape=(h, heads * hd)),
         ]
+        if config.get("qkv_bias"):
+            bias = mg + "self_attention.linear_qkv.bias"
+            plan += [Entry(hf + f"self_attn.{p}_proj.bias", bias, p, (n * hd,))
+                     for p, n in (("q", heads), ("k", groups), ("v", groups))]
+        if config.get("qk_norm"):
+            plan += [Entry(hf + f"self_attn.{p}_norm.weight", mg + f"self_attention.{p}_layernorm.norm.weight",
+                           shape=(hd,)) for p in ("q", "k")]
+        plan.append(Entry(hf + "self_attn.o_proj.weight", mg + "self_attention.linear_proj.weight",
+                          shape=(h, heads * hd)))
         if i in memory:
             plan += _memory_plan(config, hf, mg)
         fc1 = mg + "mlp.linear_fc1.weight"
@@ -118,7 +155,7 @@ def parameter_plan(config: dict) -> list[Entry]:
     if memory and config.get("shared_bank", True):
         plan += _bank_plan(config, "model.memory_bank.", "memory_bank.")
     if not config["tie_word_embeddings"]:
-        plan.append(Entry("lm_head.weight", "output_layer.weight", shape=(config["vocab_size"], h)))
+        plan.append(_vocab_entry("lm_head.weight", "output_layer.weight", vocab, padded_vocab, h))
     return plan
 
 
@@ -157,6 +194,8 @@ def megatron_shape(entries: list[Entry]) -> tuple[int, ...]:
     """Global shape of the Megatron tensor that ``entries`` (all of one key) come from."""
     if entries[0].part == "copy":
         return entries[0].shape
+    if entries[0].part == "rows":
+        return (entries[0].megatron_rows, *entries[0].shape[1:])
     rows = sum(e.shape[0] for e in entries)
     return (rows, *entries[0].shape[1:])
 
@@ -166,16 +205,19 @@ def split(tensor: torch.Tensor, entries: list[Entry], config: dict) -> list[torc
     part = entries[0].part
     if part == "copy":
         return [tensor]
+    if part == "rows":
+        return [tensor[: entries[0].shape[0]].contiguous()]
     if part in ("gate", "up"):
         gate, up = tensor.chunk(2, dim=0)
         return [gate if e.part == "gate" else up for e in entries]
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     per = heads // groups
-    grouped = tensor.view(groups, per + 2, hd, -1)
+    rest = tuple(tensor.shape[1:])  # (hidden,) of the weight, () of the bias
+    grouped = tensor.view(groups, per + 2, hd, *rest)
     parts = {
-        "q": grouped[:, :per].reshape(heads * hd, -1),
-        "k": grouped[:, per].reshape(groups * hd, -1),
-        "v": grouped[:, per + 1].reshape(groups * hd, -1),
+        "q": grouped[:, :per].reshape(heads * hd, *rest),
+        "k": grouped[:, per].reshape(groups * hd, *rest),
+        "v": grouped[:, per + 1].reshape(groups * hd, *rest),
     }
     return [parts[e.part].contiguous() for e in entries]
 
@@ -186,15 +228,20 @@ def fuse(tensors: dict[str, torch.Tensor], entries: list[Entry], config: dict) -
     by_part = {e.part: tensors[e.hf_name] for e in entries}
     if part == "copy":
         return by_part["copy"]
+    if part == "rows":  # Megatron's padded vocabulary rows are zero
+        value = by_part["rows"]
+        padded = value.new_zeros(entries[0].megatron_rows, *value.shape[1:])
+        padded[: value.shape[0]] = value
+        return padded
     if part in ("gate", "up"):
         return torch.cat([by_part["gate"], by_part["up"]], dim=0)
     heads, groups, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     per = heads // groups
-    h = by_part["q"].shape[-1]
-    q = by_part["q"].view(groups, per, hd, h)
-    k = by_part["k"].view(groups, 1, hd, h)
-    v = by_part["v"].view(groups, 1, hd, h)
-    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, h)
+    rest = tuple(by_part["q"].shape[1:])
+    q = by_part["q"].view(groups, per, hd, *rest)
+    k = by_part["k"].view(groups, 1, hd, *rest)
+    v = by_part["v"].view(groups, 1, hd, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, *rest)
 
 
 def group_by_key(plan: list[Entry]) -> list[tuple[str, list[Entry]]]:

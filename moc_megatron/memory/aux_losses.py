@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
-    save_to_aux_losses_tracker,
     switch_load_balancing_loss_func,
     z_loss_func,
 )
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.memory.router import Routing, live_router_loads
+from moc_megatron.platform.megatron_versions import record_aux_loss
 
 LOAD_BALANCE_NAME = "moc_load_balancing_loss"
 Z_LOSS_NAME = "moc_z_loss"
@@ -36,13 +36,11 @@ def attach_router_losses(
         lb = switch_load_balancing_loss_func(
             routing.probs, per_chapter, num_units, config.moc_top_k, num_routed, config.moc_load_balance_coeff
         )
-        save_to_aux_losses_tracker(
-            LOAD_BALANCE_NAME, lb / config.moc_load_balance_coeff, layer_number, config.num_layers
-        )
+        record_aux_loss(LOAD_BALANCE_NAME, lb / config.moc_load_balance_coeff, layer_number, config.num_layers)
         total = total + lb
     if config.moc_z_loss_coeff > 0:
         z = z_loss_func(routing.logits, config.moc_z_loss_coeff)
-        save_to_aux_losses_tracker(Z_LOSS_NAME, z / config.moc_z_loss_coeff, layer_number, config.num_layers)
+        record_aux_loss(Z_LOSS_NAME, z / config.moc_z_loss_coeff, layer_number, config.num_layers)
         total = total + z
     return MoEAuxLossAutoScaler.apply(output, total)
 

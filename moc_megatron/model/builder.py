@@ -26,6 +26,12 @@ class ModelSettings:
     rotary_base: int = 10000
     """RoPE base period."""
 
+    rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (megatron-core's ``rope_scaling``)."""
+
+    rope_scaling_factor: float = 8.0
+    """Its factor."""
+
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
     """Megatron-LM's vocabulary padding: round up to a multiple of ``divisible_by * TP``."""
@@ -49,6 +55,8 @@ def build_model(config: MoCConfig, settings: ModelSettings, pre_process: bool = 
         post_process=post_process,
         tie_embeddings=settings.tie_embeddings,
         rotary_base=settings.rotary_base,
+        rope_scaling=settings.rope_scaling,
+        rope_scaling_factor=settings.rope_scaling_factor,
         vp_stage=vp_stage,
         use_te=use_te,
     )

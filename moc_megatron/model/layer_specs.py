@@ -14,7 +14,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import (
@@ -27,6 +27,7 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.memory.memory_attention import MoCMemoryAttention, MoCMemorySubmodules
 from moc_megatron.model.core_attention import SDPACoreAttention
 from moc_megatron.model.norm import LocalNorm, MemoryRMSNorm, TEMemoryRMSNorm
+from moc_megatron.platform.megatron_versions import mlp_submodule
 
 
 def transformer_engine_available() -> bool:
@@ -38,8 +39,9 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def local_layer_spec() -> ModuleSpec:
-    """A decoder layer from megatron-core's own modules (runs anywhere, CPU included)."""
+def local_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """A decoder layer from megatron-core's own modules (runs anywhere, CPU included); ``qk_layernorm``:
+    a norm (``config.normalization``) on each query and key head."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -51,16 +53,13 @@ def local_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPACoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=LocalNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=LocalNorm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=LocalNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp_submodule(MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as Transformer Engine's fused norm+linear modules.
             sharded_state_dict_keys_map={
@@ -71,11 +70,11 @@ def local_layer_spec() -> ModuleSpec:
     )
 
 
-def te_layer_spec() -> ModuleSpec:
+def te_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """megatron-core's Transformer Engine decoder layer (FP8-capable on H100)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
 def local_memory_submodules() -> MoCMemorySubmodules:
@@ -115,7 +114,7 @@ def block_spec(config: MoCConfig, use_te: bool | None = None, vp_stage: int | No
     """Specs for the layers this pipeline stage builds, memory layers where the config says."""
     if use_te is None:
         use_te = transformer_engine_available()
-    base = te_layer_spec() if use_te else local_layer_spec()
+    base = te_layer_spec(config.qk_layernorm) if use_te else local_layer_spec(config.qk_layernorm)
     memory = memory_layer_spec(base, use_te)
     if num_layers_on_stage is None:
         from megatron.core.transformer.transformer_block import get_num_layers_to_build

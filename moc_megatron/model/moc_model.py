@@ -23,7 +23,7 @@ class MoCGPTModel(GPTModel):
     def __init__(self, config: MoCConfig, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
                  rotary_base: int = 10000, vp_stage: int | None = None, use_te: bool | None = None,
-                 pg_collection=None) -> None:
+                 pg_collection=None, rope_scaling: bool = False, rope_scaling_factor: float = 8.0) -> None:
         extra = {} if pg_collection is None else {"pg_collection": pg_collection}
         super().__init__(
             config=config,
@@ -35,6 +35,8 @@ class MoCGPTModel(GPTModel):
             share_embeddings_and_output_weights=tie_embeddings,
             position_embedding_type="rope",
             rotary_base=rotary_base,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=rope_scaling_factor,
             vp_stage=vp_stage,
             **extra,
         )

@@ -1,9 +1,9 @@
 """Every adaptation that lets megatron-core run on a CPU with gloo, and nothing else.
 
-Written for megatron-core 0.16.1; the ``file:line`` references are into that version's
-``megatron/core/``. ``apply()`` runs them all once; it is called by ``init_platform()`` and only
-when no GPU is used. Each adaptation is a small named function; ``applied()`` lists the ones
-in force. Two mechanisms do the work (see ``_cpu_shims.py``):
+Written for megatron-core 0.16.1 and checked on every supported release (``megatron_versions``); the
+``file:line`` references are into 0.16.1's ``megatron/core/``. ``apply()`` runs them all once; it is
+called by ``init_platform()`` and only when no GPU is used. Each adaptation is a small named function;
+``applied()`` lists the ones in force. Two mechanisms do the work (see ``_cpu_shims.py``):
 
 - ``bind_cpu_torch(module)``: that module's ``torch.cuda.current_device()`` is the CPU, its
   ``torch.cuda.synchronize``/streams/events are no-ops, its ``device="cuda"`` factory calls allocate
@@ -17,49 +17,20 @@ name; one that adds a new CUDA call fails in the component's test in tests/*/tes
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable
 
 import megatron.core
 
 from moc_megatron.platform._cpu_shims import bind_cpu_torch, wrap_in_cuda_tensor_methods
-
-logger = logging.getLogger(__name__)
-
-WRITTEN_FOR_MEGATRON_CORE = "0.16"
+from moc_megatron.platform.megatron_versions import check_supported
 
 _ADAPTATIONS: list[Callable[[], None]] = []
 _APPLIED: list[str] = []
-_version_warned = False
 
 
 def _adaptation(fn: Callable[[], None]) -> Callable[[], None]:
     _ADAPTATIONS.append(fn)
     return fn
-
-
-def check_megatron_core_version(version: str | None = None) -> bool:
-    """Warn (once per process) if megatron-core is not the version these adaptations were written for.
-
-    Returns True if the version matches ``WRITTEN_FOR_MEGATRON_CORE``.
-    """
-    global _version_warned
-    version = megatron.core.__version__ if version is None else version
-    if version == WRITTEN_FOR_MEGATRON_CORE or version.startswith(WRITTEN_FOR_MEGATRON_CORE + "."):
-        return True
-    if not _version_warned:
-        _version_warned = True
-        message = (
-            f"moc_megatron.platform (cpu_adapter.py, optimizer_state.py) was written for megatron-core "
-            f"{WRITTEN_FOR_MEGATRON_CORE}.x but megatron-core {version} is installed: the CPU and "
-            "optimizer-checkpoint adaptations may miss or break code paths. Run tests/unit/test_platform.py, "
-            "tests/distributed/test_platform_distributed.py and the checkpoint tests, and update "
-            "moc_megatron/platform/."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        logger.warning(message)
-    return False
 
 
 @_adaptation
@@ -241,7 +212,7 @@ def moe_metrics_tracker() -> None:
 
 def apply() -> None:
     """Apply every CPU adaptation (idempotent). Only ``init_platform()`` should call this."""
-    check_megatron_core_version()
+    check_supported()
     for adaptation in _ADAPTATIONS:
         if adaptation.__name__ in _APPLIED:
             continue

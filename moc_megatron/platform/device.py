@@ -36,12 +36,18 @@ def dist_backend() -> str:
 def init_platform() -> None:
     """Prepare this process for megatron-core (idempotent).
 
-    On a GPU: select ``cuda:LOCAL_RANK``, nothing else. On a CPU: apply every adaptation in
+    On every platform: the megatron-core version adaptations (``megatron_versions``). On a GPU: select
+    ``cuda:LOCAL_RANK``, nothing else. On a CPU: apply every adaptation in
     ``moc_megatron.platform.cpu_adapter`` (only then).
     """
     global _initialized
     if _initialized:
         return
+    from moc_megatron.platform import megatron_versions
+
+    megatron_versions.check_supported()
+    megatron_versions.adapt_common_state_loading()
+    megatron_versions.quiet_internal_notices()
     if using_gpu():
         torch.cuda.set_device(get_device())
     else:

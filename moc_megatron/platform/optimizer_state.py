@@ -1,6 +1,7 @@
 """Adaptations of megatron-core's optimizer checkpointing to a build without Transformer Engine or Apex.
 
-Written for megatron-core 0.16.1 (``check_megatron_core_version`` warns, once, on another version); they
+Written for megatron-core 0.16.1 and tested on every supported release (``megatron_versions.check_supported``
+warns, once, outside them); they
 apply on every platform that lacks TE/Apex, so on a CPU always. ``training/checkpointing.py`` calls:
 
 - :func:`initialize_optimizer_state` before a distributed-optimizer load (megatron's
@@ -18,7 +19,7 @@ import types
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 
-from moc_megatron.platform.cpu_adapter import check_megatron_core_version
+from moc_megatron.platform.megatron_versions import check_supported
 
 
 def _sub_optimizers(optimizer: MegatronOptimizer) -> list:
@@ -28,7 +29,7 @@ def _sub_optimizers(optimizer: MegatronOptimizer) -> list:
 def initialize_optimizer_state(optimizer: MegatronOptimizer) -> None:
     """Give a fresh torch Adam state (``step`` included) to every parameter before a distributed-
     optimizer load: without TE/Apex megatron's ``DistributedOptimizer.state_dict`` needs one common step."""
-    check_megatron_core_version()
+    check_supported()
     for sub in _sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if inner is None:
@@ -64,7 +65,7 @@ def allow_empty_distributed_optimizers(optimizer: MegatronOptimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    check_megatron_core_version()
+    check_supported()
     subs = _sub_optimizers(optimizer)
     steps = [float(state["step"]) for sub in subs if getattr(sub, "optimizer", None) is not None
              for state in sub.optimizer.state.values() if "step" in state]
@@ -79,7 +80,7 @@ def allow_empty_distributed_optimizers(optimizer: MegatronOptimizer) -> None:
 def restore_distributed_optimizer_steps(optimizer: MegatronOptimizer, loaded: dict) -> None:
     """megatron 0.16.1 copies the load template's per-parameter ``step`` over the loaded one; take it
     from the loaded param groups instead."""
-    check_megatron_core_version()
+    check_supported()
     subs = _sub_optimizers(optimizer)
     parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
     for sub, part in zip(subs, parts):

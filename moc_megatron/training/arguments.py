@@ -39,6 +39,10 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
                    help="No biases in the linear layers.")
     g.add_argument("--qk-layernorm", action="store_true", help="Norm on queries and keys.")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="Biases in the query/key/value projection only (Qwen2-style), with --disable-bias-linear.")
+    g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.x RoPE frequency scaling.")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Factor of --use-rope-scaling.")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Separate input embedding and output layer weights.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,

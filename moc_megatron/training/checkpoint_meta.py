@@ -20,6 +20,7 @@ import tempfile
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.model.builder import ModelSettings
+from moc_megatron.platform.megatron_versions import is_complete_checkpoint
 from moc_megatron.training.moc_flags import flag_name
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -51,6 +52,7 @@ _FLAG_OF = {
     "add_bias_linear": "--disable-bias-linear",
     "vocab_size": "vocabulary: the tokenizer or --vocab-size, padded to --make-vocab-size-divisible-by x TP",
     "tie_embeddings": "--untie-embeddings-and-output-weights",
+    "rope_scaling": "--use-rope-scaling",
 }
 
 
@@ -84,8 +86,8 @@ def read_tracker(root: str) -> int | None:
 
 
 def is_saved_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a complete ``dist_checkpointing`` save (its ``metadata.json`` is written last)."""
-    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt"))
+    """Whether ``path`` is a complete ``dist_checkpointing`` save of any supported megatron-core release."""
+    return is_complete_checkpoint(path)
 
 
 def resolve_existing(load: str, iteration: int | None = None, flag: str = "--load") -> tuple[str, int]:
@@ -129,7 +131,7 @@ def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tup
     match = _ITER_RE.fullmatch(os.path.basename(os.path.normpath(load)))
     if match:
         if not is_saved_checkpoint(load):
-            raise CheckpointNotFoundError(f"{flag} {load}: an incomplete checkpoint (no metadata.json/common.pt)")
+            raise CheckpointNotFoundError(f"{flag} {load}: an incomplete checkpoint (no metadata.json or common state)")
         return load, int(match.group(1))
     entries = sorted(e for e in os.listdir(load) if not e.startswith("."))
     if not entries or own_save:
@@ -189,6 +191,11 @@ def model_signature(config: MoCConfig, settings: ModelSettings) -> dict:
     sig["moc_memory_layers"] = sorted(sig["moc_memory_layers"])
     sig["activation_func"] = getattr(config.activation_func, "__name__", str(config.activation_func))
     sig.update({name: getattr(settings, name) for name in SIGNATURE_SETTINGS_FIELDS})
+    # Recorded only when on: signatures of checkpoints saved before these flags existed stay the same.
+    if config.add_qkv_bias:
+        sig["add_qkv_bias"] = True
+    if settings.rope_scaling:
+        sig.update(rope_scaling=True, rope_scaling_factor=settings.rope_scaling_factor)
     return sig
 
 

@@ -37,6 +37,7 @@ from moc_megatron.data.tokenizer_record import (
 )
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform import optimizer_state, reshardable_optimizer
+from moc_megatron.platform.megatron_versions import align_saved_param_groups, read_common_state
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError
 from moc_megatron.training.config_from_args import as_run_config
@@ -296,7 +297,7 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
             print_rank_0(f" > no checkpoint in {ckpt.load}: starting from scratch")
         return LoadedCheckpoint(0, 0, run)
     path, iteration = found
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)
     mismatches = meta.signature_mismatches(common["model_signature"], meta.model_signature(config, settings))
     if mismatches:
         raise CheckpointMismatchError(
@@ -331,11 +332,15 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
     for key, chunk in zip(_model_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if load_optim:
+        # The schedule is checked against the flags first: megatron-core 0.19 matches param groups by
+        # their LR too, and would refuse a changed --lr with its own error before ours.
+        adopted = _reconcile_scheduler(run.schedule, scheduler, loaded["opt_param_scheduler"], path)
+        align_saved_param_groups(optimizer, loaded["optimizer"],
+                                 keep_checkpoint_values=run.schedule.use_checkpoint_opt_param_scheduler)
         with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's
             optimizer.load_state_dict(loaded["optimizer"])
         if run.parallel.use_distributed_optimizer:
             optimizer_state.restore_distributed_optimizer_steps(optimizer, loaded["optimizer"])
-        adopted = _reconcile_scheduler(run.schedule, scheduler, loaded["opt_param_scheduler"], path)
         if adopted is not None:
             run = run.replace("schedule", lr_decay_iters=adopted)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

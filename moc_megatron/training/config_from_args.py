@@ -156,6 +156,8 @@ def model_settings(embedding: EmbeddingConfig, vocab_size: int, tensor_model_par
         max_sequence_length=embedding.max_position_embeddings,
         tie_embeddings=not embedding.untie_embeddings_and_output_weights,
         rotary_base=embedding.rotary_base,
+        rope_scaling=embedding.use_rope_scaling,
+        rope_scaling_factor=embedding.rope_scaling_factor,
     )
 
 

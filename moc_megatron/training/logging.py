@@ -14,7 +14,6 @@ from datetime import datetime
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 from moc_megatron import platform
 from moc_megatron.config import MoCConfig
@@ -25,6 +24,7 @@ from moc_megatron.memory.aux_losses import (
     pop_chapter_load,
 )
 from moc_megatron.memory.memory_attention import MoCMemoryAttention
+from moc_megatron.platform.megatron_versions import aux_loss_values, forget_aux_losses
 from moc_megatron.training.run_config import RunConfig
 
 
@@ -68,9 +68,7 @@ def reset_memory_statistics(model: Sequence[torch.nn.Module] | None = None) -> N
         for layer in memory_layers(model):
             layer.router.reset_metrics()
             layer.reset_comm_metrics()
-    tracker = get_moe_layer_wise_logging_tracker()
-    for name in (LOAD_BALANCE_NAME, Z_LOSS_NAME):
-        tracker.pop(name, None)
+    forget_aux_losses((LOAD_BALANCE_NAME, Z_LOSS_NAME))
 
 
 def reduce_memory_aux_losses(config: MoCConfig, num_microbatches: int) -> dict[str, float]:
@@ -80,16 +78,15 @@ def reduce_memory_aux_losses(config: MoCConfig, num_microbatches: int) -> dict[s
     """
     if not config.has_memory:
         return {}
-    tracker = get_moe_layer_wise_logging_tracker()
     out = {}
     for name, coeff in ((LOAD_BALANCE_NAME, config.moc_load_balance_coeff), (Z_LOSS_NAME, config.moc_z_loss_coeff)):
         if coeff <= 0:
             continue
-        entry = tracker.get(name)
+        recorded = aux_loss_values(name)
         values = torch.zeros(config.num_layers, device=platform.get_device())
-        if entry is not None:
-            values += entry["values"].to(values.device)
-            entry["values"].zero_()
+        if recorded is not None:
+            values += recorded.to(values.device)
+            recorded.zero_()
         _sum_over_pp_and_dp(values)
         dp = parallel_state.get_data_parallel_world_size()
         out[name] = values.sum().item() / (len(config.moc_memory_layers) * num_microbatches * dp)

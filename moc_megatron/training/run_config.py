@@ -150,6 +150,8 @@ class EmbeddingConfig:
     max_position_embeddings: int
     untie_embeddings_and_output_weights: bool
     rotary_base: int
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
 
 
 @dataclass(frozen=True)

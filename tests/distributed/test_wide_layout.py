@@ -22,8 +22,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from launch import run_distributed
+
+from moc_megatron.platform.megatron_versions import read_common_state
 
 pytestmark = pytest.mark.distributed
 
@@ -68,7 +69,7 @@ def only(ckpt: Path, iteration: int, dst: Path) -> Path:
 
 
 def common_state(ckpt: Path, iteration: int) -> dict:
-    return torch.load(ckpt / f"iter_{iteration:07d}" / "common.pt", weights_only=False)
+    return read_common_state(str(ckpt / f"iter_{iteration:07d}"))
 
 
 def assert_same(got: dict, want: dict, iterations) -> None:

@@ -52,3 +52,47 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, None)
+
+
+# The memory a dense import adds in the tests: one memory layer, chunk routing.
+MEMORY_FLAGS = ["--moc-memory-layers", "1", "--moc-num-chapters", "5", "--moc-chapter-size", "4", "--moc-top-k", "2",
+                "--moc-routing-unit", "chunk", "--moc-chunk-size", "4"]
+
+
+def load_hf(folder: str, impl: str = "sdpa"):
+    """An exported folder as transformers loads it (``trust_remote_code``), in eval mode."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                             attn_implementation=impl).eval()
+
+
+def tiny_hf_model(cls, config, folder: str, seed: int = 0):
+    """A tiny random model built by transformers itself (``cls(config)``), every parameter perturbed (norms and
+    biases too), saved to ``folder``; returned in eval mode."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+def load_megatron_checkpoint(root: str):
+    """The Megatron model of a saved checkpoint (``root`` with its tracker), fp32, eval mode."""
+    from megatron.core import dist_checkpointing
+
+    from moc_megatron.eval.models import build_megatron_model_from_args, resolve_checkpoint, saved_training_args
+
+    path, _ = resolve_checkpoint(root)
+    args, common = saved_training_args(path)
+    model = build_megatron_model_from_args(args, common["model_signature"])
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    model.load_state_dict(loaded["model"], strict=True)
+    return model.float().eval()
+
+
+def shard_bytes(folder: str) -> dict[str, bytes]:
+    """``{file name: bytes}`` of the safetensors shards of an exported folder."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if f.endswith(".safetensors")}

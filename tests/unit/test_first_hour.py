@@ -65,6 +65,17 @@ def test_another_schedule_is_one_line_naming_the_flags(saved):
     assert overridden.start_iteration == 4
 
 
+def test_the_checkpoints_schedule_wins_with_use_checkpoint_opt_param_scheduler(saved):
+    """Another --lr/--min-lr with --use-checkpoint-opt_param-scheduler trains exactly as the checkpoint's (on
+    megatron-core 0.19 the param groups are matched by their LR as well: the checkpoint's values must win)."""
+    save, _ = saved
+    kept = run("--train-iters", "6", "--lr-decay-iters", "4", "--load", str(save))
+    # past --lr-decay-iters the LR is the minimum: change it too
+    other_lr = run("--train-iters", "6", "--lr-decay-iters", "4", "--lr", "1e-2", "--min-lr", "1e-4", "--load",
+                   str(save), "--use-checkpoint-opt_param-scheduler")
+    assert sorted(other_lr.lm_losses) == [5, 6] and other_lr.lm_losses == kept.lm_losses
+
+
 def test_load_accepts_a_save_folder_or_an_iter_folder_and_refuses_anything_else(saved, tmp_path):
     save, first = saved
     assert run("--train-iters", "4", "--load", str(save / "iter_0000002")).start_iteration == 2

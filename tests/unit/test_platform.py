@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -64,16 +63,6 @@ def test_init_platform_applies_every_adaptation_once(mcore_world: None) -> None:
     assert schedules.torch is cpu_torch
     # The process-wide torch is untouched: only adapted megatron-core modules see the CPU as CUDA.
     assert not hasattr(torch.zeros, "__wrapped__") and torch.cuda.current_device is not cpu_torch.cuda.current_device
-
-
-def test_version_warning_is_loud_and_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_adapter, "_version_warned", False)
-    assert cpu_adapter.check_megatron_core_version("0.16.1")
-    with pytest.warns(RuntimeWarning, match="written for megatron-core 0.16"):
-        assert not cpu_adapter.check_megatron_core_version("0.17.0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not cpu_adapter.check_megatron_core_version("0.17.0")
 
 
 def test_cpu_torch_view() -> None:

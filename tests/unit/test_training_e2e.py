@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training import checkpointing
 from moc_megatron.training.arguments import parse_args
 from moc_megatron.training.checkpoint_meta import TRACKER_FILENAME, read_tracker
@@ -90,7 +91,7 @@ def test_checkpoint_layout(runs):
     assert names == ["iter_0000004", "iter_0000008", TRACKER_FILENAME]
     assert read_tracker(str(root / "full")) == TRAIN_ITERS
     assert full.checkpoint == str(root / "full" / "iter_0000008")
-    common = torch.load(root / "full" / "iter_0000008" / "common.pt", weights_only=False)
+    common = read_common_state(str(root / "full" / "iter_0000008"))
     assert common["iteration"] == TRAIN_ITERS
     assert common["train_state"]["consumed_train_samples"] == TRAIN_ITERS * 4
     assert common["args"]["hidden_size"] == 32 and common["model_signature"]["moc_num_chapters"] == 5
