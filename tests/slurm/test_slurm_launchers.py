@@ -121,7 +121,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint(slurm_cluster: SlurmClust
     log, save = tmp_path / "job.out", tmp_path / "ckpt"
     job_id = slurm_cluster.submit({**job_env, "SAVE_DIR": str(save), "MAX_RESTARTS": "1"}, log)
     saved = _wait_for_checkpoint(slurm_cluster, job_id, save, log)
-    pid = slurm_cluster.rank_pid(job_id, rank=3)  # a rank on node2: node1's agent restarts without a failure
+    pid = slurm_cluster.rank_pid(job_id, rank=3)  # the last rank, which logs the losses
     assert pid is not None, "rank 3 not found"
     os.kill(pid, signal.SIGKILL)
     info = slurm_cluster.wait_done(job_id, JOB_TIMEOUT_S, log)
