@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=d["seq_length"], help="queries of a sequence routing unit")
     p.add_argument("--chunk-size", type=int, default=d["chunk_size"], help="queries of a chunk routing unit")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES), help="input dtypes")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="compile in this many forked processes (default: CPU count, at most 8)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the variants as a JSON list to OUT")
     return p
 
@@ -302,6 +304,42 @@ def compile_variant(variant: Variant, api: dict[str, Any]) -> dict[str, Any]:
                 wgmma_instructions=ptx.count("wgmma.mma_async"))
 
 
+_FORKED: tuple[list[Variant], dict[str, Any]] | None = None
+"""The variants and Triton API the compile workers read (forked workers inherit them: nothing is pickled)."""
+
+
+def _compile_forked(index: int) -> tuple[int, dict[str, Any], float]:
+    start = time.perf_counter()
+    variants, api = _FORKED
+    return index, compile_variant(variants[index], api), time.perf_counter() - start
+
+
+def compile_all(variants: list[Variant], api: dict[str, Any], jobs: int) -> None:
+    """Compile every variant (in ``jobs`` forked processes when > 1), storing each result; progress on stderr."""
+    global _FORKED
+    _FORKED = (variants, api)
+    pool = None
+    if jobs > 1 and len(variants) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(variants)))
+        results = pool.imap_unordered(_compile_forked, range(len(variants)))
+    else:
+        results = map(_compile_forked, range(len(variants)))
+    try:
+        for done, (i, result, seconds) in enumerate(results, 1):
+            v = variants[i]
+            v.result = result
+            status = "ok" if result["compiled"] else "FAILED: " + result["error"]
+            print(f"[compile {done}/{len(variants)}] {v.kernel} {v.dtype} {v.gating} {_flags(v)}: {status} "
+                  f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _FORKED = None
+
+
 def _flags(v: Variant) -> str:
     shown = {k: int(x) if isinstance(x, bool) else x for k, x in v.constexprs.items()
              if k in ("WRITE_DQ",) or (k == "PREC" and x == "ieee")}
@@ -350,19 +388,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         start = time.perf_counter()
         variants = collect_variants(shapes, args.dtype, api)
-        for i, v in enumerate(variants, 1):
-            t0 = time.perf_counter()
-            v.result = compile_variant(v, api)
-            status = "ok" if v.result["compiled"] else "FAILED: " + v.result["error"]
-            print(f"[compile {i}/{len(variants)}] {v.kernel} {v.dtype} {v.gating} {_flags(v)}: {status} "
-                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        collected = time.perf_counter()
+        compile_all(variants, api, args.jobs)
+        end = time.perf_counter()
     print(f"triton {triton.__version__}, target sm_90; hidden {shapes.hidden}, heads {shapes.heads}, kv-heads "
           f"{shapes.kv_heads}, head dim {shapes.head_dim}, chapter {shapes.chapter_size}, top-k {shapes.top_k} + "
           f"{shapes.shared_chapters} shared, sequence {shapes.seq_length}, chunk {shapes.chunk_size}")
     print(format_table(variants))
     failed = sum(not v.result["compiled"] for v in variants)
     print(f"{len(variants)} variants, {len(variants) - failed} compiled, {failed} failed; sm_90 shared-memory limit "
-          f"{SM90_SHARED_LIMIT} B; {time.perf_counter() - start:.0f} s")
+          f"{SM90_SHARED_LIMIT} B; {collected - start:.0f} s collecting launches, {end - collected:.0f} s compiling "
+          f"({args.jobs} jobs)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([v.record() for v in variants], f, indent=1)
