@@ -109,15 +109,18 @@ class Case:
 
 @dataclass
 class Variant:
-    """One distinct compiled kernel and the cases that launch it."""
+    """One distinct compiled kernel and the cases that launch it (picklable: compile workers receive it)."""
 
     kernel: str
     dtype: str
     gating: str
-    source: Any
+    module: str
+    source: dict[str, Any]
+    """``ASTSource``'s ``signature``, ``constants`` and ``attrs`` as a launch builds them."""
     options: dict
     constexprs: dict[str, Any]
     specialised: dict[str, str]
+    key: str
     cases: list[Case] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -190,7 +193,10 @@ def _triton_api() -> dict[str, Any]:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         return src, options.__dict__, spec
 
-    return dict(target=GPUTarget("cuda", 90, 32), launch_source=launch_source, compile=triton.compile,
+    def source(fn, signature: dict, constants: dict, attrs: dict):
+        return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+
+    return dict(target=GPUTarget("cuda", 90, 32), launch_source=launch_source, source=source, compile=triton.compile,
                 jit_class=triton.runtime.jit.JITFunction)
 
 
@@ -217,14 +223,14 @@ def run_case(shapes: Shapes, case: Case, jit_class) -> list[tuple[Any, tuple, di
     from moc_megatron.kernels.triton_chapter_attention import triton_chapter_attention
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
-    n, u, k = 2, shapes.unit_length(case.routing_unit), shapes.sites()[case.site]
+    n, u, k = 1, shapes.unit_length(case.routing_unit), shapes.sites()[case.site]
     c = k + 1
     valid = min(k, max(1, MAX_QUERY_ROWS // (n * u)))
     if case.site == "ep-routed":  # the owner holds some of a unit's chapters, the rest live elsewhere
         valid = max(1, min(valid, k // 2))
     gen = torch.Generator().manual_seed(0)
     slots = torch.arange(k).expand(n, k)
-    selected = torch.where(slots < valid, (slots + torch.arange(n).unsqueeze(1)) % c, -1)
+    selected = torch.where(slots < valid, slots, -1)
     query = torch.randn(n, u, shapes.heads, shapes.head_dim, generator=gen).to(dtype).requires_grad_()
     kv_shape = (c, shapes.chapter_size, shapes.kv_heads, shapes.head_dim)
     keys = torch.randn(kv_shape, generator=gen).to(dtype).requires_grad_()
@@ -258,41 +264,36 @@ def cases(shapes: Shapes, dtypes: Sequence[str]) -> list[Case]:
     return out
 
 
-def collect_variants(shapes: Shapes, dtypes: Sequence[str], api: dict[str, Any]) -> list[Variant]:
-    """Run every case and group its launches into distinct compiled variants (first-seen order)."""
-    variants: dict[str, Variant] = {}
-    all_cases = cases(shapes, dtypes)
-    for i, case in enumerate(all_cases, 1):
-        print(f"[launch {i}/{len(all_cases)}] {case.dtype} {case.gating} {case.label()}", file=sys.stderr, flush=True)
-        for fn, args, kwargs in run_case(shapes, case, api["jit_class"]):
-            src, options, spec = api["launch_source"](fn, args, kwargs, api["target"])
-            name = fn.fn.__name__
-            constexprs = {p.name: v for p, (ty, v) in zip(fn.params, spec) if p.is_constexpr}
-            specialised = {p.name: ("=1" if ty == "constexpr" else "%16") for p, (ty, v) in zip(fn.params, spec)
-                           if not p.is_constexpr and (ty == "constexpr" or (v == "D" and not ty.startswith("*")))}
-            key = repr((src.hash(), sorted(options.items())))
-            if key not in variants:
-                variants[key] = Variant(name, case.dtype, case.gating, src, options, constexprs, specialised)
-            variants[key].cases.append(case)
-    return list(variants.values())
-
-
-_REGS = re.compile(r"Used (\d+) registers")
-_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_TENSOR_CORE = re.compile(r"^\s*(?:@%p\d+\s+)?(wgmma\.mma_async|mma\.sync|mma\.sp)", re.MULTILINE)
+def launches_of_case(shapes: Shapes, case: Case, api: dict[str, Any]) -> list[Variant]:
+    """The distinct compiled variants one case launches (each with ``cases == [case]``)."""
+    out = []
+    for fn, args, kwargs in run_case(shapes, case, api["jit_class"]):
+        src, options, spec = api["launch_source"](fn, args, kwargs, api["target"])
+        constexprs = {p.name: v for p, (ty, v) in zip(fn.params, spec) if p.is_constexpr}
+        specialised = {p.name: ("=1" if ty == "constexpr" else "%16") for p, (ty, v) in zip(fn.params, spec)
+                       if not p.is_constexpr and (ty == "constexpr" or (v == "D" and not ty.startswith("*")))}
+        source = dict(signature=src.signature, constants=src.constants, attrs=src.attrs)
+        key = repr((src.hash(), sorted(options.items())))
+        out.append(Variant(fn.fn.__name__, case.dtype, case.gating, fn.module, source, options, constexprs,
+                           specialised, key, [case]))
+    return out
 
 
 def compile_variant(variant: Variant, api: dict[str, Any]) -> dict[str, Any]:
     """Compile one variant for sm_90; its metrics from the compiled object, ptxas's log and the PTX."""
+    import importlib
+
+    fn = getattr(importlib.import_module(variant.module), variant.kernel)
+    src = api["source"](fn, variant.source["signature"], variant.source["constants"], variant.source["attrs"])
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compiled = api["compile"](variant.source, target=api["target"], options=variant.options)
+            compiled = api["compile"](src, target=api["target"], options=variant.options)
     except Exception as exc:  # a compile error of one variant is a result, not the end of the run
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         return dict(compiled=False, error=message[:500], shared_bytes=None, registers=None, spill_bytes=None,
-                    spill_load_bytes=None, tensor_core_instructions=None)
+                    spill_load_bytes=None, tensor_core_instructions=None, wgmma_instructions=None)
     text = log.getvalue()
     regs, spills = _REGS.search(text), _SPILLS.search(text)
     if regs is None or spills is None:
@@ -304,40 +305,78 @@ def compile_variant(variant: Variant, api: dict[str, Any]) -> dict[str, Any]:
                 wgmma_instructions=ptx.count("wgmma.mma_async"))
 
 
-_FORKED: tuple[list[Variant], dict[str, Any]] | None = None
-"""The variants and Triton API the compile workers read (forked workers inherit them: nothing is pickled)."""
+_WORKER: dict[str, Any] = {}
+"""What the (forked) workers read: the shapes, the cases, the Triton API. Inherited, never pickled."""
 
 
-def _compile_forked(index: int) -> tuple[int, dict[str, Any], float]:
+def _work(task: tuple[str, Any]) -> tuple[str, Any, Any, float]:
+    kind, item = task
     start = time.perf_counter()
-    variants, api = _FORKED
-    return index, compile_variant(variants[index], api), time.perf_counter() - start
-
-
-def compile_all(variants: list[Variant], api: dict[str, Any], jobs: int) -> None:
-    """Compile every variant (in ``jobs`` forked processes when > 1), storing each result; progress on stderr."""
-    global _FORKED
-    _FORKED = (variants, api)
-    pool = None
-    if jobs > 1 and len(variants) > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(variants)))
-        results = pool.imap_unordered(_compile_forked, range(len(variants)))
+    if kind == "case":
+        result = launches_of_case(_WORKER["shapes"], _WORKER["cases"][item], _WORKER["api"])
     else:
-        results = map(_compile_forked, range(len(variants)))
-    try:
-        for done, (i, result, seconds) in enumerate(results, 1):
-            v = variants[i]
+        result = compile_variant(item, _WORKER["api"])
+    return kind, item, result, time.perf_counter() - start
+
+
+def _limit_threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores
+
+
+@contextlib.contextmanager
+def worker_map(jobs: int) -> Iterator[Any]:
+    """``imap_unordered`` over ``jobs`` forked workers (the parent's own ``map`` for one job)."""
+    if jobs <= 1:
+        yield lambda fn, tasks: map(fn, tasks)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs, initializer=_limit_threads) as pool:
+        yield pool.imap_unordered
+
+
+def collect_and_compile(shapes: Shapes, dtypes: Sequence[str], api: dict[str, Any], jobs: int
+                        ) -> tuple[list[Variant], float]:
+    """Run every case, group its launches into distinct variants (in case order) and compile each once.
+
+    Returns the variants (results filled in) and the seconds spent collecting launches. Progress on stderr.
+    """
+    all_cases = cases(shapes, dtypes)
+    _WORKER.update(shapes=shapes, cases=all_cases, api=api)
+    start = time.perf_counter()
+    with worker_map(jobs) as imap:
+        per_case: dict[int, list[Variant]] = {}
+        for done, (_, i, found, seconds) in enumerate(imap(_work, [("case", i) for i in range(len(all_cases))]), 1):
+            per_case[i] = found
+            c = all_cases[i]
+            print(f"[launch {done}/{len(all_cases)}] {c.dtype} {c.gating} {c.label()}: {len(found)} kernels "
+                  f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+        variants: dict[str, Variant] = {}
+        for i in range(len(all_cases)):
+            for v in per_case[i]:
+                if v.key in variants:
+                    variants[v.key].cases.extend(v.cases)
+                else:
+                    variants[v.key] = v
+        ordered = list(variants.values())
+        collected = time.perf_counter() - start
+        results = imap(_work, [("variant", v) for v in ordered])
+        by_key = {v.key: v for v in ordered}
+        for done, (_, item, result, seconds) in enumerate(results, 1):
+            v = by_key[item.key]
             v.result = result
             status = "ok" if result["compiled"] else "FAILED: " + result["error"]
-            print(f"[compile {done}/{len(variants)}] {v.kernel} {v.dtype} {v.gating} {_flags(v)}: {status} "
+            print(f"[compile {done}/{len(ordered)}] {v.kernel} {v.dtype} {v.gating} {_flags(v)}: {status} "
                   f"({seconds:.1f} s)", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        _FORKED = None
+    _WORKER.clear()
+    return ordered, collected
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_TENSOR_CORE = re.compile(r"^\s*(?:@%p\d+\s+)?(wgmma\.mma_async|mma\.sync|mma\.sp)", re.MULTILINE)
 
 
 def _flags(v: Variant) -> str:
@@ -387,17 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import triton
 
         start = time.perf_counter()
-        variants = collect_variants(shapes, args.dtype, api)
-        collected = time.perf_counter()
-        compile_all(variants, api, args.jobs)
-        end = time.perf_counter()
+        variants, collecting = collect_and_compile(shapes, args.dtype, api, args.jobs)
+        compiling = time.perf_counter() - start - collecting
     print(f"triton {triton.__version__}, target sm_90; hidden {shapes.hidden}, heads {shapes.heads}, kv-heads "
           f"{shapes.kv_heads}, head dim {shapes.head_dim}, chapter {shapes.chapter_size}, top-k {shapes.top_k} + "
           f"{shapes.shared_chapters} shared, sequence {shapes.seq_length}, chunk {shapes.chunk_size}")
     print(format_table(variants))
     failed = sum(not v.result["compiled"] for v in variants)
     print(f"{len(variants)} variants, {len(variants) - failed} compiled, {failed} failed; sm_90 shared-memory limit "
-          f"{SM90_SHARED_LIMIT} B; {collected - start:.0f} s collecting launches, {end - collected:.0f} s compiling "
+          f"{SM90_SHARED_LIMIT} B; {collecting:.0f} s collecting launches, {compiling:.0f} s compiling "
           f"({args.jobs} jobs)")
     if args.json:
         with open(args.json, "w") as f:
