@@ -143,9 +143,9 @@ def triton_backward(q, keys, values, sel, w, out, lse, dout, dlse, gating, scale
     bm, bt, be = _tiles(t, e)
     opts = _options(q.dtype)
     paper = gating == "paper"
-    stages = dict(num_stages=WRITE_DQ_STAGES) if chapter_major else {}
+    bwd_launch = dict(num_stages=WRITE_DQ_STAGES) if chapter_major else {}
     if bt * be > LARGE_TILE:  # dK and dV accumulators of 128 x 128 fp32 each: 4 warps cannot hold them
-        stages["num_warps"] = 8
+        bwd_launch["num_warps"] = 8
     dk = torch.zeros(c, t, g, e, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     dq = torch.empty(n, u, h, e, dtype=torch.float32, device=q.device)
@@ -169,7 +169,7 @@ def triton_backward(q, keys, values, sel, w, out, lse, dout, dlse, gating, scale
             kern._bwd_chapter_major[(c, g)](q[a:b], keys, values, w[a:b], dout[a:b], lse[a:b], delta[a:b], dk_g,
                                             dv_g, part_dq, part_dw, index.offset, index.count, index.pairs, scale,
                                             u, h, g, k, t, e, PAPER=paper, WRITE_DQ=chapter_major,
-                                            BM=bm, BT=bt, BE=be, **opts, **stages)
+                                            BM=bm, BT=bt, BE=be, **opts, **bwd_launch)
         if dk_g is not dk:
             dk += dk_g
             dv += dv_g
