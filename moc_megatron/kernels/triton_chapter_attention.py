@@ -23,6 +23,14 @@ from moc_megatron.kernels import triton_kernels as kern
 UNIT_MAJOR_MIN_QUERIES = 16
 """Units with at least this many queries run unit-major, fewer chapter-major."""
 
+WRITE_DQ_STAGES = 2
+"""Software-pipelining depth of the chapter-major backward when it also writes dQ (token routing): Triton's
+default 3 spills registers there on sm_90 (``scripts/compile_kernels_sm90.py``), 2 does not."""
+
+LARGE_TILE = 64 * 128
+"""Chapter tiles (``BT x BE``) above this run the chapter-major backward on 8 warps: with 4, its two fp32
+accumulators alone need 256 registers per thread and spill (head dim 128 with chapters of 128 tokens)."""
+
 MAX_PARTIAL_ELEMENTS = 1 << 27
 """Chapter-major runs take units in groups whose fp32 per-(row, slot) partials fit this many elements (512 MiB)."""
 
@@ -135,6 +143,9 @@ def triton_backward(q, keys, values, sel, w, out, lse, dout, dlse, gating, scale
     bm, bt, be = _tiles(t, e)
     opts = _options(q.dtype)
     paper = gating == "paper"
+    bwd_launch = dict(num_stages=WRITE_DQ_STAGES) if chapter_major else {}
+    if bt * be > LARGE_TILE:  # dK and dV accumulators of 128 x 128 fp32 each: 4 warps cannot hold them
+        bwd_launch["num_warps"] = 8
     dk = torch.zeros(c, t, g, e, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     dq = torch.empty(n, u, h, e, dtype=torch.float32, device=q.device)
@@ -158,7 +169,7 @@ def triton_backward(q, keys, values, sel, w, out, lse, dout, dlse, gating, scale
             kern._bwd_chapter_major[(c, g)](q[a:b], keys, values, w[a:b], dout[a:b], lse[a:b], delta[a:b], dk_g,
                                             dv_g, part_dq, part_dw, index.offset, index.count, index.pairs, scale,
                                             u, h, g, k, t, e, PAPER=paper, WRITE_DQ=chapter_major,
-                                            BM=bm, BT=bt, BE=be, **opts)
+                                            BM=bm, BT=bt, BE=be, **opts, **bwd_launch)
         if dk_g is not dk:
             dk += dk_g
             dv += dv_g

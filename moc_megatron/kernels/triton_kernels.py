@@ -18,6 +18,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+NO_SPECIALIZE = ("KSEL",)
+"""Integer arguments Triton should not specialise on (``== 1``, divisible by 16): the slot count only bounds a
+loop and indexes pairs, so each value would compile the same kernel again (the shared chapters' ``k = 1``,
+the routed ``k = 64``, both together ``k = 65``)."""
+
 
 @triton.jit
 def _load_chapter(ptr, c, gg, offs_t, offs_e, T, G, E, t_lim, UPCAST: tl.constexpr):
@@ -33,7 +38,7 @@ def _load_chapter(ptr, c, gg, offs_t, offs_e, T, G, E, t_lim, UPCAST: tl.constex
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_unit_major(Q, K, V, SEL, W, OUT, LSE, scale, U, H, G, KSEL, T, E,
                     PAPER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
@@ -106,7 +111,7 @@ def _rows_of_tile(TILE_CHAP, TILE_START, PAIR_OFF, PAIR_CNT, PAIRS, tile, U, KSE
     return c, r_mask, pidx * U + pos, pair // KSEL, pair, pos
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_chapter_major(Q, K, V, W, PART_O, PART_LSE, TILE_CHAP, TILE_START, PAIR_OFF, PAIR_CNT, PAIRS,
                        scale, U, H, G, KSEL, T, E,
                        PAPER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -146,7 +151,7 @@ def _fwd_chapter_major(Q, K, V, W, PART_O, PART_LSE, TILE_CHAP, TILE_START, PAIR
         tl.store(PART_LSE + out_row, mx + tl.log(l_c), mask=r_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_chapter_major(Q, K, V, W, DO, LSE, DELTA, DK, DV, PART_DQ, PART_DW,
                        PAIR_OFF, PAIR_CNT, PAIRS, scale, U, H, G, KSEL, T, E,
                        PAPER: tl.constexpr, WRITE_DQ: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -191,37 +196,44 @@ def _bwd_chapter_major(Q, K, V, W, DO, LSE, DELTA, DK, DV, PART_DQ, PART_DW,
             w = tl.load(W + pair, mask=r_mask, other=0.0).to(tl.float32)
             raw = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             dp_raw = tl.dot(do, tl.trans(v), input_precision=PREC)
-            keep = r_mask[:, None] & t_mask[None, :]
             if PAPER:
-                lse = tl.load(LSE + qrow, mask=r_mask, other=0.0)
+                # Masks as 1-D biases (lse = +inf on padding rows, -inf on padding keys), not a 2-D select.
+                lse = tl.load(LSE + qrow, mask=r_mask, other=float("inf"))
                 delta = tl.load(DELTA + qrow, mask=r_mask, other=0.0)
-                p = tl.where(keep, tl.exp(raw * w[:, None] - lse[:, None]), 0.0)
+                key_bias = tl.where(t_mask, 0.0, float("-inf"))
+                p = tl.exp(raw * w[:, None] - lse[:, None] + key_bias[None, :])
                 ds = p * (dp_raw * w[:, None] - delta[:, None])
+                dw_row = tl.sum(ds * raw + p * dp_raw, 1)
                 dsw = ds * (w * scale)[:, None]
                 pw = p * w[:, None]
-                dw_row = tl.sum(ds * raw + p * dp_raw, 1)
             else:
                 s = tl.where(t_mask[None, :], raw, float("-inf"))
                 mx = tl.max(s, 1)
                 p = tl.exp(s - mx[:, None])
-                p = tl.where(keep, p / tl.sum(p, 1)[:, None], 0.0)
+                p = tl.where(r_mask[:, None] & t_mask[None, :], p / tl.sum(p, 1)[:, None], 0.0)
                 dw_row = tl.sum(p * dp_raw, 1)  # do . o_c
                 dsw = p * (dp_raw - dw_row[:, None]) * (w * scale)[:, None]
                 pw = p * w[:, None]
-            dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(dsw).to(q.dtype), q, input_precision=PREC)
+            # Cast once (not once per dot) so only the narrow copies of pw and dsw stay live, and finish dq
+            # before the dK/dV dots so its tile is dead by then: with the launcher's num_stages=2 for WRITE_DQ
+            # this keeps the token-routing backward within 255 registers without spilling on sm_90 (bf16/fp16;
+            # scripts/compile_kernels_sm90.py).
+            pw = pw.to(do.dtype)
+            dsw = dsw.to(q.dtype)
             if WRITE_DQ:
-                dq = tl.dot(dsw.to(k.dtype), k, input_precision=PREC)
                 out_row = (pidx * U + pos) * H + hh
-                tl.store(PART_DQ + out_row[:, None] * E + offs_e[None, :], dq, mask=x_mask)
                 tl.store(PART_DW + out_row, dw_row, mask=r_mask)
+                dq = tl.dot(dsw, k, input_precision=PREC)
+                tl.store(PART_DQ + out_row[:, None] * E + offs_e[None, :], dq, mask=x_mask)
+            dv += tl.dot(tl.trans(pw), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(dsw), q, input_precision=PREC)
     offs = ((c * T + offs_t[:, None]) * G + gg) * E + offs_e[None, :]
     mask = t_mask[:, None] & e_mask[None, :]
     tl.store(DK + offs, dk, mask=mask)
     tl.store(DV + offs, dv, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE + ("NUM_MB",))
 def _bwd_dq_unit_major(Q, K, V, SEL, W, DO, LSE, DELTA, DQ, DW_PART, scale, U, H, G, KSEL, T, E, NUM_MB,
                        PAPER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                        BM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
