@@ -38,7 +38,7 @@ from typing import Any
 SM90_SHARED_LIMIT = 232448
 """Bytes of shared memory one block may use on an H100 (sm_90, opt-in maximum)."""
 
-SUPPORTED_TRITON = ("3.9",)
+SUPPORTED_TRITON = ("3.9", "3.7")
 """Triton minor versions whose internal compile API :func:`launch_source` is written for."""
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -173,8 +173,8 @@ def _triton_api() -> dict[str, Any]:
 
     version = ".".join(triton.__version__.split(".")[:2])
     if version not in SUPPORTED_TRITON:
-        raise RuntimeError(f"compile_kernels_sm90.py supports triton {', '.join(SUPPORTED_TRITON)}.x (the dev extra's "
-                           f"pin), found {triton.__version__}: its internal compile API may differ; see _triton_api")
+        raise RuntimeError(f"compile_kernels_sm90.py supports triton {', '.join(SUPPORTED_TRITON)}.x (the tested "
+                           f"stacks), found {triton.__version__}: its internal compile API may differ; see _triton_api")
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -185,7 +185,8 @@ def _triton_api() -> dict[str, Any]:
         kwargs = dict(kwargs)
         kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # a launch option since 3.9
+            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         backend = make_backend(target)
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, spec, opts = binder(*args, **kwargs)

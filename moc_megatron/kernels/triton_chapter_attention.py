@@ -24,8 +24,11 @@ UNIT_MAJOR_MIN_QUERIES = 16
 """Units with at least this many queries run unit-major, fewer chapter-major."""
 
 WRITE_DQ_STAGES = 2
-"""Software-pipelining depth of the chapter-major backward when it also writes dQ (token routing): Triton's
-default 3 spills registers there on sm_90 (``scripts/compile_kernels_sm90.py``), 2 does not."""
+WRITE_DQ_WARPS = 8
+"""Software-pipelining depth and warps of the chapter-major backward when it also writes dQ (token routing):
+with Triton's defaults (3 stages, 4 warps) it spills registers on sm_90, with 2 stages and 4 warps still 80 B
+under Triton 3.7 (torch 2.13's pin); 2 stages and 8 warps spill nothing under 3.7 and 3.9
+(``scripts/compile_kernels_sm90.py``)."""
 
 LARGE_TILE = 64 * 128
 """Chapter tiles (``BT x BE``) above this run the chapter-major backward on 8 warps: with 4, its two fp32
@@ -143,7 +146,7 @@ def triton_backward(q, keys, values, sel, w, out, lse, dout, dlse, gating, scale
     bm, bt, be = _tiles(t, e)
     opts = _options(q.dtype)
     paper = gating == "paper"
-    bwd_launch = dict(num_stages=WRITE_DQ_STAGES) if chapter_major else {}
+    bwd_launch = dict(num_stages=WRITE_DQ_STAGES, num_warps=WRITE_DQ_WARPS) if chapter_major else {}
     if bt * be > LARGE_TILE:  # dK and dV accumulators of 128 x 128 fp32 each: 4 warps cannot hold them
         bwd_launch["num_warps"] = 8
     dk = torch.zeros(c, t, g, e, dtype=torch.float32, device=q.device)
