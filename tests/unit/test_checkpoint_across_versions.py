@@ -14,6 +14,7 @@ from pathlib import Path
 
 import megatron.core
 import pytest
+from test_training_e2e import tiny_args  # tests/unit is on sys.path under pytest
 
 from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training.arguments import parse_args
@@ -39,15 +40,9 @@ print("RESULT " + json.dumps({"version": megatron.core.__version__, "losses": re
 
 
 def _args(*extra: str) -> list[str]:
-    return [
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--swiglu",
-        "--normalization", "RMSNorm", "--disable-bias-linear", "--seq-length", "32", "--vocab-size", "128",
-        "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(TRAIN_ITERS),
-        "--lr", "5e-3", "--min-lr", "5e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
-        "--lr-decay-iters", str(TRAIN_ITERS), "--moc-memory-layers", "1", "--moc-num-chapters", "5",
-        "--moc-chapter-size", "4", "--moc-top-k", "2", "--log-interval", "1", "--eval-iters", "0",
-        "--num-workers", "0", *extra,
-    ]
+    # test_training_e2e's tiny MoC run, shortened (later flags win)
+    return tiny_args("--train-iters", str(TRAIN_ITERS), "--lr-decay-iters", str(TRAIN_ITERS), "--log-interval", "1",
+                     "--eval-iters", "0", *extra)
 
 
 def _run_here(*extra: str) -> dict[int, float]:
