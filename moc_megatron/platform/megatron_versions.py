@@ -14,15 +14,15 @@ that introduced it (``since(...)``), named after what changed, and tested in tes
 - ``MLP_SUBMODULE_BUILDER`` (0.18): a layer's ``mlp`` slot is a builder (``MLP.as_mlp_submodule``); a
   ``ModuleSpec(module=MLP)`` is rewrapped with a warning at every layer spec. :func:`mlp_submodule` gives
   each release its own form.
-- ``SYNC_SAVE_LOGS_ASYNC_DEPRECATION`` (0.19): ``dist_checkpointing.save`` (synchronous) runs megatron-core's
-  own async writer and logs "MCore's async save is deprecated" on every run. ``GPT_MODEL_DEPRECATED``
-  (0.19): ``GPTModel`` logs that it is deprecated in favour of ``HybridModel``. Neither concerns a user
+- ``INTERNAL_NOTICES`` (0.19): ``dist_checkpointing.save`` (synchronous) runs megatron-core's own async
+  writer and logs "MCore's async save is deprecated" on every run; ``GPTModel`` logs that it is deprecated
+  in favour of ``HybridModel``. Neither concerns a user
   (the sync save is the built-in path; moving the model to ``HybridModel`` is ours to do), so
   :func:`quiet_internal_notices` drops exactly those two log lines.
 - ``PARAM_GROUPS_MATCHED_BY_SCHEDULE`` (0.19): optimizer param groups in a checkpoint are matched to the
   run's by the scheduler keys too (``max_lr``, ``min_lr``, ``start_wd``, ``end_wd``, ``optimizer``), so a run
-  whose ``--lr`` differs cannot load the optimizer; :func:`align_saved_param_groups` gives the saved groups
-  the run's values for the keys the scheduler owns (the scheduler itself is checked against the flags
+  whose ``--lr`` differs cannot load the optimizer; :func:`align_saved_param_groups` makes the saved groups
+  and the run's agree on the keys the scheduler owns (the scheduler itself is checked against the flags
   before, with this project's one-line error).
 
 Checkpoints: one saved by 0.16-0.18 (``common.pt``) loads on 0.19 as shipped; one saved by 0.19 loads on
@@ -45,16 +45,16 @@ from packaging.version import Version
 MEGATRON_CORE_VERSION = Version(megatron.core.__version__)
 OLDEST_SUPPORTED = Version("0.16.1")
 NEWEST_TESTED = Version("0.19.2")
-SUPPORTED_RANGE = ">=0.16.1,<0.20"
+FIRST_UNSUPPORTED = Version("0.20")
+SUPPORTED_RANGE = f">={OLDEST_SUPPORTED},<{FIRST_UNSUPPORTED}"
 
 MOE_METRICS_TRACKER = "0.18"
 MLP_SUBMODULE_BUILDER = "0.18"
 COMMON_STATE_IN_DISTCP = "0.19"
 PARAM_GROUPS_MATCHED_BY_SCHEDULE = "0.19"
-SYNC_SAVE_LOGS_ASYNC_DEPRECATION = "0.19"
-GPT_MODEL_DEPRECATED = "0.19"
 
-# (logger, start of the message) of the megatron-core notices dropped by quiet_internal_notices().
+# (logger, start of the message) of the megatron-core notices dropped by quiet_internal_notices(); both
+# appeared in 0.19, and the filters are harmless on releases that never log them.
 INTERNAL_NOTICES = (
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
@@ -77,7 +77,7 @@ def since(release: str, version: Version | str | None = None) -> bool:
 def is_supported(version: Version | str | None = None) -> bool:
     """Whether ``version`` (default: the installed one) lies in :data:`SUPPORTED_RANGE`."""
     v = Version((MEGATRON_CORE_VERSION if version is None else Version(str(version))).base_version)
-    return OLDEST_SUPPORTED <= v < Version("0.20")
+    return OLDEST_SUPPORTED <= v < FIRST_UNSUPPORTED
 
 
 def check_supported(version: Version | str | None = None) -> bool:
@@ -241,7 +241,7 @@ def adapt_common_state_loading() -> bool:
 
 # --- optimizer param-group matching on load (0.19) -----------------------------------------------------
 
-def align_saved_param_groups(optimizer: torch.optim.Optimizer | object, saved_state: dict,
+def align_saved_param_groups(optimizer: object, saved_state: dict,
                              keep_checkpoint_values: bool = False) -> int:
     """Make the saved and the run's param groups agree on the scheduler-owned keys (0.19 and newer).
 
