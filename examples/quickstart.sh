@@ -48,11 +48,17 @@ PRETRAIN=(python pretrain_moc.py --preset moc-tiny
     --weight-decay 0.1 --clip-grad 1.0 --moc-memory-lr 4e-3 --moc-bank-lr 4e-3
     --log-interval 10 --eval-interval 100 --eval-iters 5
     --save "$RUN/checkpoints" --save-interval "$TRAIN_ITERS" --tensorboard-dir "$RUN/tensorboard")
-"${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS"
+# A rerun resumes the checkpoint instead of retraining over it (the same folder as --load and --save).
+DONE=$(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)
+if [ "$DONE" -ge "$TRAIN_ITERS" ]; then
+  echo "$RUN/checkpoints is at iteration $DONE already: kept (rm -rf $RUN to start the quick start over)"
+else
+  "${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS" --load "$RUN/checkpoints"
+fi
 
 step "5/8 instruction-tune it on synthetic chats ($FT_ITERS iterations; memory and bank at lower learning rates)"
-rm -rf "$RUN/sft"
-python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoints" \
+# --load of its own --save folder: a rerun resumes (or keeps) the tuned checkpoint instead of overwriting it.
+python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoints" --load "$RUN/sft" \
     --sft-data-path "$DATA/chat" --split 98,2,0 --seq-length 256 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$FT_ITERS" \

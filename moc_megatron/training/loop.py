@@ -19,6 +19,7 @@ from moc_megatron import platform
 from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
+from moc_megatron.training.checkpoint_meta import check_save_target
 from moc_megatron.training.checkpointing import load_training_state, save_checkpoint
 from moc_megatron.training.config_from_args import as_run_config, run_model_settings
 from moc_megatron.training.data import (
@@ -138,6 +139,8 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     ``forward_step_func`` replaces :func:`train_step.forward_step` (both used by ``finetune_moc.py``).
     """
     run = as_run_config(run)
+    ckpt = run.checkpointing
+    check_save_target(ckpt.save, ckpt.load, ckpt.finetune)  # before anything is built or written
     datasets_provider = datasets_provider or build_datasets
     step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
     tokenizer, tokenizer_vocab, record = _tokenizer_and_record(run.data)
