@@ -44,7 +44,7 @@ from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.run_config import CheckpointConfig, RunConfig, ScheduleConfig
-from moc_megatron.training.save_queue import install_save_results_queue
+from moc_megatron.training.save_queue import install_save_results_queue, writer_children_die_with_rank
 
 CHECKPOINT_VERSION = 3.0
 
@@ -166,7 +166,8 @@ def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: 
     if tokenizer_record is not None:
         state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
     install_save_results_queue()
-    dist_checkpointing.save(state, staging)
+    with writer_children_die_with_rank():
+        dist_checkpointing.save(state, staging)
     dist.barrier()
     maybe_stall_save(iteration)
     final = meta.checkpoint_path(root, iteration)
