@@ -102,5 +102,6 @@ echo "checkpoint:  $RUN/checkpoints (latest: $(cat "$RUN/checkpoints/latest_chec
 echo "HF folder:   $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True); docs/hf.md)"
 echo "tensorboard: tensorboard --logdir $RUN/tensorboard"
 echo "go on (resumes at iteration $TRAIN_ITERS, keeps the checkpoint's LR schedule; . .venv/bin/activate first):"
-printf ' %q' "${PRETRAIN[@]}" --train-iters $((TRAIN_ITERS * 2)) --load "$RUN/checkpoints"
-echo
+# shlex.join quotes only what the shell needs quoted (printf %q would print --split 98\,2\,0)
+python -c 'import shlex, sys; print("  " + shlex.join(sys.argv[1:]))' \
+    "${PRETRAIN[@]}" --train-iters $((TRAIN_ITERS * 2)) --load "$RUN/checkpoints"

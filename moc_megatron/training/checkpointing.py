@@ -232,7 +232,7 @@ def _reconcile_scheduler(schedule: ScheduleConfig, scheduler: OptimizerParamSche
     derived = {"lr_decay_steps", "wd_incr_steps"} if schedule.lr_decay_iters_derived else set()
     if derived and schedule.lr_warmup_fraction is not None:
         derived.add("lr_warmup_steps")
-    diffs, adopted = [], []
+    diffs, adopted, theirs_flags = [], [], []
     for name, flag in _SCHEDULER_FLAGS.items():
         if name not in saved or getattr(scheduler, name) == saved[name]:
             continue
@@ -244,10 +244,12 @@ def _reconcile_scheduler(schedule: ScheduleConfig, scheduler: OptimizerParamSche
             adopted.append(f"{flag} {theirs}")
         elif not any(d.startswith(flag + " ") for d in diffs):
             diffs.append(f"{flag} {theirs} in the checkpoint, {ours} here")
+            theirs_flags.append(f"{flag} {theirs}")
     if diffs:
         raise CheckpointMismatchError(
-            f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values, or "
-            "--override-opt_param-scheduler to use this run's, or --use-checkpoint-opt_param-scheduler")
+            f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values "
+            f"({' '.join(theirs_flags)}), or --override-opt_param-scheduler to use this run's, or "
+            "--use-checkpoint-opt_param-scheduler")
     if not adopted:
         return None
     print_rank_0(f" > resuming the checkpoint's LR schedule ({', '.join(dict.fromkeys(adopted))}); "

@@ -36,6 +36,7 @@ from moc_megatron.training.logging import (
     print_rank_last,
     reduce_memory_aux_losses,
     reset_memory_statistics,
+    tensorboard_note,
 )
 from moc_megatron.training.nan_check import NonFiniteLossError, is_nonfinite, nonfinite_loss_message
 from moc_megatron.training.optimizer import role_lrs
@@ -162,6 +163,9 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
     do_valid = log.eval_iters > 0 and _on_any_rank(valid_ds is not None)
 
+    note = tensorboard_note(log.tensorboard_dir, iteration)
+    if note:
+        print_rank_0(note)
     logger = TrainingLogger(run, config, stack.model)
     reset_memory_statistics(stack.model)  # start the router statistics from this run's first step
     last_saved = iteration
