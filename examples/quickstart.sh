@@ -75,6 +75,8 @@ python - "$RUN/hf" <<'PY'
 import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+logging.disable_progress_bar()  # no "Loading weights" bar before the generated text
 folder = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

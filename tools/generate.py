@@ -39,6 +39,9 @@ def generate(folder: str, args: argparse.Namespace) -> list[str]:
     """Generate for every prompt, streaming tokens to stdout; return the completions."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the generated texts
 
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise SystemExit(f"generate.py: error: {folder} has no tokenizer.json (export with --tokenizer-model PATH)")

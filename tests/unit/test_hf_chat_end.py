@@ -4,12 +4,17 @@ The sentencepiece tokenizer of the data tools (with the default template's ``<|e
 trained, a tiny model is pretrained with it and exported; in the export ``generation_config.json`` lists
 ``<|end|>`` as an end-of-sequence token, ``generate()`` stops there, ``skip_special_tokens=True`` drops it
 (and only it: the encoding is sentencepiece's), and transformers' ``apply_chat_template`` renders as the SFT
-data were rendered. ``tools/generate.py --load`` (a Megatron checkpoint) stops and prints the same way.
+data were rendered. ``tools/generate.py --load`` (a Megatron checkpoint) stops and prints the same way,
+and neither it nor the export prints torch's single-process notice or transformers' loading progress bar.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +105,18 @@ def test_generate_tool_on_a_megatron_checkpoint_stops_and_hides_it(exported, run
     printed = capsys.readouterr().out
     assert forced.lengths == [3]
     assert printed.startswith("Ada") and "<|end|>" not in printed
+
+
+def test_export_and_generate_print_no_notice_or_progress_bar(exported, tmp_path):
+    root, _, _ = exported
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    runs = [[sys.executable, str(repo / "tools" / "convert_checkpoint.py"), "export", "--load", str(root / "ckpt"),
+             "--output", str(tmp_path / "hf")],
+            [sys.executable, str(repo / "tools" / "generate.py"), "--load", str(root / "ckpt"), "--prompt", "Ada",
+             "--max-new-tokens", "3"]]
+    for cmd in runs:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        output = proc.stdout + proc.stderr
+        assert "torch.distributed is disabled" not in output and "Loading weights" not in output, output
