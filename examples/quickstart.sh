@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start on a CPU, from a fresh clone: set up, build a corpus that needs no download, train a
 # tokenizer, preprocess to Megatron .bin/.idx, pretrain moc-tiny for a few minutes, save a checkpoint,
-# instruction-tune it, export it to a Hugging Face folder, generate with plain transformers, run lm-eval.
+# instruction-tune it, export it to a Hugging Face folder, generate with plain transformers, and (optional,
+# with the eval extra installed) run lm-eval. A rerun keeps the data and both checkpoints (training resumes).
 #
 #   bash examples/quickstart.sh            # everything goes under ./runs/quickstart
 #   TRAIN_ITERS=300 FT_ITERS=100 bash examples/quickstart.sh
@@ -90,13 +91,14 @@ for prompt, ids in zip(prompts, out):
 assert "moc_megatron" not in sys.modules
 PY
 
-step "8/8 lm-evaluation-harness, offline, on a local 8-question task (needs: pip install -e '.[eval]')"
+step "8/8 (optional) lm-evaluation-harness, offline, on a local 8-question task: runs only when the eval extra is installed (pip install -e '.[eval]'; scripts/setup.sh does not install it)"
 if python -c "import lm_eval" 2>/dev/null; then
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \
       --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
       --include_path examples/lm_eval --tasks quickstart_mc --batch_size 4 --device cpu
 else
-  echo "lm-eval is not installed: pip install -e '.[eval]', then run the lm_eval command of this step (docs/hf.md)"
+  echo "skipped: lm-eval is not installed. To run this step: . .venv/bin/activate && pip install -e '.[eval]', then"
+  echo "rerun this script (it keeps the data and checkpoints; docs/hf.md has the lm_eval command)"
 fi
 
 step "done"
