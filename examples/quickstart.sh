@@ -10,7 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export PYTHONWARNINGS=ignore
 
 RUN=${RUN:-runs/quickstart}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
