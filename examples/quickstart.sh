@@ -8,7 +8,13 @@
 #   TRAIN_ITERS=300 FT_ITERS=100 bash examples/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# Each step runs in the background and is waited for, so that a SIGTERM or SIGINT sent to this script alone
+# (a scheduler, `kill PID`) ends the running step too instead of leaving it behind.
+child=
+on_signal() { trap - INT TERM; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null; wait; exit 143; }
+trap on_signal INT TERM
+run() { "$@" & child=$!; local rc=0; wait "$child" || rc=$?; child=; return "$rc"; }
+run bash scripts/setup.sh
 . .venv/bin/activate
 
 RUN=${RUN:-runs/quickstart}
@@ -20,22 +26,22 @@ mkdir -p "$DATA"
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/8 corpus: synthetic biographies (with held-out probes) + CPython's own documentation (PSF License)"
-[ -f "$DATA/bios.jsonl" ] && [ -f "$DATA/chat.jsonl" ] || python tools/make_synthetic_corpus.py \
+[ -f "$DATA/bios.jsonl" ] && [ -f "$DATA/chat.jsonl" ] || run python tools/make_synthetic_corpus.py \
     --output "$DATA/bios.jsonl" --probes-output "$DATA/probes.jsonl" --chat-output "$DATA/chat.jsonl" \
     --num-people 2000 --bios-per-person 3 --num-chats 1000 --seed 1234
-[ -f "$DATA/pydocs.jsonl" ] || python tools/make_text_corpus.py --output "$DATA/pydocs.jsonl"
+[ -f "$DATA/pydocs.jsonl" ] || run python tools/make_text_corpus.py --output "$DATA/pydocs.jsonl"
 
 step "2/8 tokenizer: sentencepiece BPE, 4096 pieces, byte fallback"
-[ -f "$DATA/tokenizer.model" ] || python tools/train_tokenizer.py --input "$DATA/bios.jsonl" "$DATA/pydocs.jsonl" \
+[ -f "$DATA/tokenizer.model" ] || run python tools/train_tokenizer.py --input "$DATA/bios.jsonl" "$DATA/pydocs.jsonl" \
     --model-prefix "$DATA/tokenizer" --vocab-size 4096 --max-mb 20
 
 step "3/8 preprocess to Megatron indexed datasets"
 for name in bios pydocs; do
-  [ -f "$DATA/${name}_text_document.idx" ] || python tools/preprocess_data.py --input "$DATA/$name.jsonl" \
+  [ -f "$DATA/${name}_text_document.idx" ] || run python tools/preprocess_data.py --input "$DATA/$name.jsonl" \
       --output-prefix "$DATA/$name" --tokenizer-type SentencePieceTokenizer \
       --tokenizer-model "$DATA/tokenizer.model" --append-eod --workers 2
 done
-[ -f "$DATA/chat_tokens.idx" ] || python tools/preprocess_sft.py --input "$DATA/chat.jsonl" --output-prefix "$DATA/chat" \
+[ -f "$DATA/chat_tokens.idx" ] || run python tools/preprocess_sft.py --input "$DATA/chat.jsonl" --output-prefix "$DATA/chat" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" --pack-length 256 --workers 2
 
 step "4/8 pretrain moc-tiny on the CPU ($TRAIN_ITERS iterations)"
@@ -53,12 +59,12 @@ DONE=$(cat "$RUN/checkpoints/latest_checkpointed_iteration.txt" 2>/dev/null || e
 if [ "$DONE" -ge "$TRAIN_ITERS" ]; then
   echo "$RUN/checkpoints is at iteration $DONE already: kept (rm -rf $RUN to start the quick start over)"
 else
-  "${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS" --load "$RUN/checkpoints"
+  run "${PRETRAIN[@]}" --train-iters "$TRAIN_ITERS" --load "$RUN/checkpoints"
 fi
 
 step "5/8 instruction-tune it on synthetic chats ($FT_ITERS iterations; memory and bank at lower learning rates)"
 # --load of its own --save folder: a rerun resumes (or keeps) the tuned checkpoint instead of overwriting it.
-python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoints" --load "$RUN/sft" \
+run python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoints" --load "$RUN/sft" \
     --sft-data-path "$DATA/chat" --split 98,2,0 --seq-length 256 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$FT_ITERS" \
@@ -67,7 +73,7 @@ python finetune_moc.py --preset moc-tiny --pretrained-checkpoint "$RUN/checkpoin
 
 step "6/8 export the tuned model to a Hugging Face folder (safetensors + trust_remote_code model + tokenizer)"
 rm -rf "$RUN/hf"
-python tools/convert_checkpoint.py export --load "$RUN/sft" --output "$RUN/hf" \
+run python tools/convert_checkpoint.py export --load "$RUN/sft" --output "$RUN/hf" \
     --tokenizer-model "$DATA/tokenizer.model"
 
 step "7/8 generate with plain transformers (this process does not import moc_megatron)"
@@ -92,7 +98,7 @@ PY
 
 step "8/8 (optional) lm-evaluation-harness, offline, on a local 8-question task: runs only when the eval extra is installed (pip install -e '.[eval]'; scripts/setup.sh does not install it)"
 if python -c "import lm_eval" 2>/dev/null; then
-  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 run lm_eval --model hf \
       --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
       --include_path examples/lm_eval --tasks quickstart_mc --batch_size 4 --device cpu
 else
