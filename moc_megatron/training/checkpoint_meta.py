@@ -177,8 +177,12 @@ def check_save_target(save: str | None, load: str | None, finetune: bool = False
     resuming it (``--load`` of the same folder, or of its newest ``iter_*`` folder). Anything else
     (no ``--load``, another folder, an older ``iter_*`` of it, ``--finetune``) would train from another
     start and overwrite the tracker and later ``iter_*`` folders, so it raises
-    :class:`CheckpointOverwriteError` naming what is there and the two ways on.
+    :class:`CheckpointOverwriteError` naming what is there and the two ways on. A ``--load`` folder that
+    does not exist (and is not ``--save``) raises :class:`CheckpointNotFoundError` here too, before the model
+    is built.
     """
+    if load is not None and not os.path.exists(load) and not (save is not None and _same_path(load, save)):
+        resolve_load(load)  # raises, saying what to give instead
     if save is None or not os.path.isdir(save):
         return
     tracker = read_tracker(save)

@@ -152,3 +152,15 @@ def test_the_command_line_refusal_is_one_line_and_status_1(saved):
         f"pretrain_moc.py: error: --save {saved} already holds a checkpoint at iteration 4 ({TRACKER_FILENAME}), "
         f"but this run starts from scratch (no --load): resume it with --load {saved}, or give a new --save folder"]
     assert snapshot(saved) == before
+
+
+def test_a_misspelled_load_stops_before_anything_is_built(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    missing = tmp_path / "chekpoints"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_moc.py"),
+                           *tiny("--train-iters", "2", "--load", str(missing))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout  # no model was built
+    assert proc.stderr.strip().splitlines() == [
+        f"pretrain_moc.py: error: --load {missing}: no such folder (to start from scratch leave out --load; an "
+        "auto-resuming job gives --load and --save the same folder)"]
