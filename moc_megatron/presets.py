@@ -49,6 +49,20 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Training:
+    """Training defaults of a preset (``pretrain_moc.py`` flag destinations; ``None``: the flag's own default),
+    so that ``--preset NAME`` with a data source is a complete command line."""
+
+    lr: float | None = None
+    micro_batch_size: int | None = None
+    train_iters: int | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """The values this preset sets (flag destination -> value)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model: its backbone, its memory (``None``: dense) and the model-level settings."""
 
@@ -60,6 +74,7 @@ class Preset:
     seq_length: int
     tie_embeddings: bool = True
     rotary_base: int = 10000
+    training: Training = Training()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -118,6 +133,8 @@ PRESETS: dict[str, Preset] = {
                           moc_num_heads=4, moc_num_query_groups=4),
             vocab_size=4096,
             seq_length=256,
+            # the quick start's peak LR; 200 iterations of 8 sequences take a few minutes on a CPU
+            training=Training(lr=2e-3, micro_batch_size=8, train_iters=200),
         ),
     ]
 }

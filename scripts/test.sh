@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest "$@"
+# exec: a SIGTERM/SIGINT sent to this script reaches pytest, which ends the processes its tests started.
+exec python -m pytest "$@"

@@ -22,6 +22,14 @@ if "TRITON_INTERPRET" not in os.environ:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM interrupts the session like Ctrl-C, so subprocesses started by tests are ended with it."""
+    sys.path.append(str(REPO_ROOT / "tests" / "distributed"))
+    from launch import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+
 # Texts that a lossless tokenizer must give back exactly.
 TRICKY_TEXTS = [
     "  leading spaces, double  spaces and a trailing space ",

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size"):
         im.add_argument(flag, type=int, default=1, help="Layout the checkpoint is checked for and its vocabulary "
                         "padded for (the saved tensors are global and load at any layout).")
-    im.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    im.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                    help="pad the vocabulary to a multiple of this x TP, as pretrain_moc.py does (default: 128)")
     return parser
 
 

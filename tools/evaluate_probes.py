@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N probes")
     parser.add_argument("--valid-data", metavar="PREFIX", help="Megatron indexed dataset (.bin/.idx prefix) of "
                                                                "held-out text: report the validation loss on it")
-    parser.add_argument("--valid-seq-length", type=int, default=256)
-    parser.add_argument("--valid-max-sequences", type=int, default=64)
+    parser.add_argument("--valid-seq-length", type=int, default=256, help="tokens per --valid-data sequence")
+    parser.add_argument("--valid-max-sequences", type=int, default=64,
+                        help="most --valid-data sequences scored")
     parser.add_argument("--tokenizer-type", default=None, help="override the checkpoint's/folder's tokenizer")
-    parser.add_argument("--tokenizer-model", default=None)
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="override the checkpoint's/folder's tokenizer file (with --tokenizer-type)")
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-candidates draw")
     parser.add_argument("--json", metavar="FILE",

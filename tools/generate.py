@@ -3,7 +3,9 @@
     python tools/generate.py --hf runs/quickstart/hf --prompt "Ada Lovelace was born" --max-new-tokens 40
     python tools/generate.py --load runs/quickstart/checkpoints --prompt "A" --prompt "B" --temperature 0.8 --top-p 0.9
 
-Greedy unless --temperature > 0. Tokens are printed as they are generated, one prompt after another.
+Greedy unless --temperature > 0. Tokens are printed as they are generated, one prompt after another; a
+continuation ends at the end-of-document token or at the chat's end-of-turn token (e.g. <|end|>), which is
+not printed.
 Uses only the folder's own tokenizer files (nothing is downloaded).
 """
 
@@ -23,11 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--load", help="Megatron checkpoint root: exported to a temporary folder first.")
     p.add_argument("--tokenizer-model", default=None, help="With --load: tokenizer to export (default: recorded one).")
     p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for several).")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=50,
+                   help="Most tokens to generate per prompt; generation also stops at the end-of-document token and "
+                        "at the chat's end-of-turn token (the export's generation_config.json). Default: 50.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling at this temperature.")
     p.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0: all).")
     p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed (with --temperature > 0). Default: 0.")
     return p
 
 
@@ -35,6 +39,9 @@ def generate(folder: str, args: argparse.Namespace) -> list[str]:
     """Generate for every prompt, streaming tokens to stdout; return the completions."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the generated texts
 
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise SystemExit(f"generate.py: error: {folder} has no tokenizer.json (export with --tokenizer-model PATH)")
@@ -50,7 +57,8 @@ def generate(folder: str, args: argparse.Namespace) -> list[str]:
     for prompt in args.prompt:
         batch = tok(prompt, return_tensors="pt", add_special_tokens=False)
         print(prompt, end="", flush=True)
-        out = model.generate(**batch, streamer=TextStreamer(tok, skip_prompt=True), **options)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)  # no end-of-turn text
+        out = model.generate(**batch, streamer=streamer, **options)
         outputs.append(tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
         print()
     return outputs

@@ -17,11 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="corpus .jsonl or .jsonl.gz")
     parser.add_argument("--probes-output", help="probes .jsonl (default: OUTPUT with _probes before the suffix)")
-    parser.add_argument("--num-people", type=int, default=1000)
+    parser.add_argument("--num-people", type=int, default=1000, help="synthetic people (each with a biography)")
     parser.add_argument("--bios-per-person", type=int, default=1, help="differently worded biographies per person")
     parser.add_argument("--chat-output", help="also write chat conversations here")
-    parser.add_argument("--num-chats", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--num-chats", type=int, default=1000, help="conversations written to --chat-output")
+    parser.add_argument("--seed", type=int, default=1234, help="random seed (the same seed gives the same files)")
     return parser
 
 

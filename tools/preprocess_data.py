@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each JSON line")
     group.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad lines instead of failing")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES,
+                       help="kind of --tokenizer-model")
     group.add_argument(
         "--tokenizer-model", required=True, help="sentencepiece .model file, or local Hugging Face tokenizer folder"
     )

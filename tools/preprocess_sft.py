@@ -53,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, help="a .jsonl/.jsonl.gz file, a glob, or a directory")
     parser.add_argument("--output-prefix", required=True, help="path prefix of the outputs")
-    parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES, help="kind of --tokenizer-model")
     parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model, or local HF tokenizer folder")
     parser.add_argument("--json-key", default="messages", help="key holding the list of messages")
     parser.add_argument("--chat-template", default="auto", help="'auto', 'default', or a Jinja template file")
     parser.add_argument("--pack-length", type=int, default=None, help="pack conversations into N-token samples")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     parser.add_argument("--log-interval", type=int, default=1000, help="conversations between progress lines")
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad lines instead of failing")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes of input lines per worker task")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output")
     return parser
 
 

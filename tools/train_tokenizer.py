@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, nargs="+", help="one or more .jsonl/.jsonl.gz files, globs, or directories"
     )
     parser.add_argument("--model-prefix", required=True, help="output path without .model")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="pieces in the model (chat markers included)")
+    parser.add_argument("--json-key", default="text", help="key of the text in each jsonl line")
     parser.add_argument("--max-lines", type=int, default=2_000_000, help="train on at most this many text lines")
     parser.add_argument("--max-mb", type=float, default=200.0, help="train on at most this many MB of text")
     parser.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")

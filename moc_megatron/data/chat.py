@@ -162,3 +162,26 @@ def encode_chat(
         ids.extend(seg_ids)
         mask.extend([int(is_assistant)] * len(seg_ids))
     return ids, mask
+
+
+_TURN_PROBE = "Qx7"
+"""Assistant text for :func:`end_of_turn`: what the template emits right after it closes the turn."""
+
+
+def end_of_turn(tokenizer: MoCTokenizer) -> tuple[str, int] | None:
+    """``(text, id)`` of the single token that closes an assistant turn in the chat template used for
+    ``tokenizer`` (its own, else :data:`DEFAULT_CHAT_TEMPLATE`), or ``None`` when the turn does not end in
+    one token of this vocabulary (e.g. the default template's ``<|end|>`` without the chat symbols)."""
+    messages = [{"role": "user", "content": "a"}, {"role": ASSISTANT_ROLE, "content": _TURN_PROBE}]
+    try:
+        text = render_chat(tokenizer, messages)
+    except ChatTemplateError:
+        return None
+    after = text[text.rfind(_TURN_PROBE) + len(_TURN_PROBE):]
+    candidate = after.split()[0] if after.split() else ""
+    if not candidate or not after.startswith(candidate):
+        return None
+    before, ids = tokenizer.tokenize(_TURN_PROBE), tokenizer.tokenize(_TURN_PROBE + candidate)
+    if len(ids) != len(before) + 1 or ids[:len(before)] != before:
+        return None
+    return candidate, ids[-1]

@@ -23,6 +23,7 @@ from moc_megatron.hf.hf_tokenizer import (
     TokenizerSpec,
     check_tokenizer,
     check_vocab_pads_to,
+    end_of_turn_id,
     true_vocabulary,
     write_tokenizer,
 )
@@ -152,7 +153,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
         if n % 50 == 0:
             log(f"  read {n}/{len(groups)} checkpoint tensors")
     writer.finish()
-    _write_config(staging, config, special, opts.dtype)
+    _write_config(staging, config, special, opts.dtype, end_of_turn_id(tokenizer))
     write_tokenizer(tokenizer, staging, recorded)
     here = os.path.dirname(os.path.abspath(__file__))
     for name in MODEL_FILES:
@@ -162,8 +163,9 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     return opts.output
 
 
-def _write_config(folder: str, config: dict, special: dict, dtype: str) -> None:
-    """``config.json`` (with ``auto_map``) and ``generation_config.json``."""
+def _write_config(folder: str, config: dict, special: dict, dtype: str, turn_end: int | None = None) -> None:
+    """``config.json`` (with ``auto_map``) and ``generation_config.json`` (whose ``eos_token_id`` adds the
+    chat's end-of-turn token ``turn_end``, so that ``generate()`` stops at the end of an answer)."""
     from transformers import GenerationConfig
 
     from moc_megatron.hf.configuration_moc import MoCConfig
@@ -174,4 +176,7 @@ def _write_config(folder: str, config: dict, special: dict, dtype: str) -> None:
     hf.dtype = "float32" if dtype == "fp32" else "bfloat16"
     hf.save_pretrained(folder)
     ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-    GenerationConfig(**{k: special[k] for k in ids if special.get(k) is not None}).save_pretrained(folder)
+    generation = {k: special[k] for k in ids if special.get(k) is not None}
+    if turn_end is not None and generation.get("eos_token_id") not in (None, turn_end):
+        generation["eos_token_id"] = [generation["eos_token_id"], turn_end]
+    GenerationConfig(**generation).save_pretrained(folder)

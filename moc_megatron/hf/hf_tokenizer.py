@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from moc_megatron.data.chat import DEFAULT_CHAT_TEMPLATE, end_of_turn
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
 from moc_megatron.data.tokenizer_record import (
     TokenizerMismatchError,
@@ -23,7 +24,7 @@ from moc_megatron.data.tokenizer_record import (
     record_from_tokenizer,
     write_record_file,
 )
-from moc_megatron.hf.sp_convert import ConversionError, check_conversion, sentencepiece_to_tokenizers
+from moc_megatron.hf.sp_convert import ConversionError, check_conversion, mark_special, sentencepiece_to_tokenizers
 from moc_megatron.model.builder import pad_vocab_size
 
 RECORD_FILE = "tokenizer_record.json"
@@ -141,23 +142,35 @@ def write_tokenizer(spec: TokenizerSpec, folder: str, recorded: TokenizerRecord 
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
         if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):
-            _write_tokenizer_config(folder, tok)
+            _write_tokenizer_config(folder, tok, tok.chat_template)
         return
     fast = sentencepiece_to_tokenizers(spec.model)
+    turn_end = end_of_turn(tok)
+    if turn_end is not None:  # the chat template the SFT data was rendered with goes along, its end marked special
+        mark_special(fast, [turn_end[0]])
     try:
         check_conversion(spec.model, fast)
     except ConversionError as exc:
         raise TokenizerError(str(exc)) from exc
     fast.save(os.path.join(folder, "tokenizer.json"))
     shutil.copyfile(spec.model, os.path.join(folder, "tokenizer.model"))
-    _write_tokenizer_config(folder, tok)
+    _write_tokenizer_config(folder, tok, tok.chat_template or (DEFAULT_CHAT_TEMPLATE if turn_end else None))
 
 
-def _write_tokenizer_config(folder: str, tok: MoCTokenizer) -> None:
+def end_of_turn_id(spec: TokenizerSpec) -> int | None:
+    """The id of the token that ends an assistant turn in the export's chat template (``None``: no such token).
+
+    It goes into ``generation_config.json`` beside the end-of-document id, so ``generate()`` stops there."""
+    tok = spec.build()
+    found = end_of_turn(tok) if tok is not None else None
+    return None if found is None else found[1]
+
+
+def _write_tokenizer_config(folder: str, tok: MoCTokenizer, chat_template: str | None) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
               "clean_up_tokenization_spaces": False, **tok.special_token_strings()}
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
+    if chat_template:
+        config["chat_template"] = chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -129,6 +129,15 @@ def sentencepiece_to_tokenizers(model_path: str):
     return tokenizer
 
 
+def mark_special(tokenizer, pieces: list[str]) -> None:
+    """Mark user-defined ``pieces`` (e.g. the chat end-of-turn ``<|end|>``) special, so that
+    ``decode(..., skip_special_tokens=True)`` drops them. Matched on the normalised text, where the
+    pre-tokenizer already isolates them: encoding does not change (:func:`check_conversion` verifies)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens([AddedToken(p, special=True, normalized=True) for p in pieces])
+
+
 def _split_crlf(charsmap: bytes) -> list:
     """``tokenizers``' ``Precompiled`` maps a grapheme cluster by its first character's entry, so ``\\r\\n`` (one
     cluster) becomes one space under ``nmt_nfkc`` where sentencepiece (longest prefix, character by character)
@@ -153,7 +162,8 @@ def _differs(sp, fast, text: str) -> str | None:
         at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         return (f"encodes {text!r} with ids {got[at:at + 6]} from token {at} on, sentencepiece with "
                 f"{want[at:at + 6]}")
-    decoded, expected = fast.decode(want), sp.decode(want)  # control pieces decode to nothing in both
+    # skip_special_tokens=False: a chat end-of-turn marked special (``mark_special``) still decodes to its text
+    decoded, expected = fast.decode(want, skip_special_tokens=False), sp.decode(want)
     if decoded != expected:
         return f"decodes {text!r} to {decoded!r}, sentencepiece to {expected!r}"
     return None

@@ -28,7 +28,9 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-hidden-size", type=int, default=None,
                    help="MLP hidden size (default 4*hidden, or 2/3 of that rounded to 64 with --swiglu).")
     g.add_argument("--num-attention-heads", type=int, default=None, help="Number of attention heads.")
-    g.add_argument("--group-query-attention", action="store_true", help="Accepted for Megatron-LM compatibility.")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="Megatron-LM's switch for grouped-query attention; here --num-query-groups alone sets it "
+                        "(this flag is accepted so Megatron-LM command lines run, and changes nothing).")
     g.add_argument("--num-query-groups", type=int, default=None, help="Key/value heads (default: attention heads).")
     g.add_argument("--kv-channels", type=int, default=None, help="Head width (default hidden/heads).")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: --seq-length.")
@@ -219,8 +221,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return None
         text = _REST_MARKUP.sub(lambda m: m.group(1) or m.group(2), text).replace("%", "%%")
         default = action.default
-        shows = action.option_strings and default not in (None, False, argparse.SUPPRESS) and \
-            not isinstance(action, argparse._HelpAction)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            # An on/off flag has no value to show; say only when a --preset already turns it on.
+            on = default is isinstance(action, argparse._StoreTrueAction)
+            return f"{text} (on with this --preset)" if on and action.option_strings != ["-h", "--help"] else text
+        shows = action.option_strings and default not in (None, False, argparse.SUPPRESS)
         if not shows:
             return text
         return f"{text} (default: {default})" if "default" not in text else f"{text} (current default: {default})"
@@ -234,10 +239,29 @@ class MoCArgumentParser(argparse.ArgumentParser):
         exit_with_error(self.prog, f"{message}\n  (see {self.prog} --help)", EXIT_ARGUMENTS)
 
 
+PRETRAIN_USAGE = ("%(prog)s [--preset NAME] (--data-path [WEIGHT] PREFIX ... | --mock-data)\n"
+                  "         [--micro-batch-size N] [--train-iters N] [--lr LR] [--save DIR [--load DIR]] [FLAG ...]")
+PRETRAIN_DESCRIPTION = """\
+Pretrain a Mixture-of-Chapters language model on megatron-core (plain python, torchrun or srun).
+
+Most used flags (all flags, grouped, below):
+  --preset NAME                    a named model (moc-tiny, moc-paper, dense-paper-*): its values are the
+                                   defaults; moc-tiny also sets --lr, --micro-batch-size and --train-iters
+  --data-path [WEIGHT] PREFIX ...  datasets made by tools/preprocess_data.py (or --mock-data)
+  --tokenizer-type T --tokenizer-model PATH   the tokenizer the data were made with
+  --micro-batch-size N --global-batch-size N --train-iters N --lr LR --lr-decay-style STYLE
+  --save DIR --save-interval N     checkpoints; --load DIR --save DIR resumes (or starts when DIR is empty)
+  --tensorboard-dir DIR --log-interval N --eval-interval N
+  --tensor-/--pipeline-/--expert-model-parallel-size N   parallel layout (under torchrun)
+
+Example (CPU, no data):  python pretrain_moc.py --preset moc-tiny --mock-data --train-iters 20
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pretrain_moc.py`` parser (no preset applied)."""
     parser = MoCArgumentParser(
-        description="Pretrain a Mixture-of-Chapters language model on megatron-core.",
+        usage=PRETRAIN_USAGE, description=PRETRAIN_DESCRIPTION,
         allow_abbrev=False, add_help=False, formatter_class=_HelpFormatter,
     )
     parser.add_argument("-h", "--help", action="store_true",
@@ -273,6 +297,7 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
         seq_length=preset.seq_length,
         untie_embeddings_and_output_weights=not preset.tie_embeddings,
         rotary_base=preset.rotary_base,
+        **preset.training.defaults(),
     )
     unknown = sorted(set(defaults) - dests)
     if unknown:

@@ -34,6 +34,10 @@ class CheckpointError(RuntimeError):
 class CheckpointNotFoundError(CheckpointError):
     """``--load`` names something that holds no checkpoint but is not empty either."""
 
+
+class CheckpointOverwriteError(CheckpointError):
+    """``--save`` holds checkpoints that this run did not start from and would overwrite."""
+
 # MoCConfig fields that fix the model's parameters or its computation: a checkpoint and the run
 # loading it must agree on all of them.
 SIGNATURE_CONFIG_FIELDS = (
@@ -110,15 +114,22 @@ def resolve_existing(load: str, iteration: int | None = None, flag: str = "--loa
 def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tuple[str, int] | None:
     """``(checkpoint folder, iteration)`` for ``--load``, or ``None`` to start from scratch.
 
-    - a missing or empty folder (hidden entries such as an interrupted ``.iter_*.partial`` save do not
-      count) -> ``None``; so is a folder that is this run's own ``--save`` (``own_save``) without a
-      checkpoint yet (auto-resume: a job restarted before its first save starts over);
+    - an empty folder (hidden entries such as an interrupted ``.iter_*.partial`` save do not count), or a
+      missing one that is this run's own ``--save`` folder -> ``None``; so is a folder that is this run's
+      own ``--save`` (``own_save``) without a checkpoint yet (auto-resume: a job restarted before its first
+      save starts over);
     - a folder with ``latest_checkpointed_iteration.txt`` -> the iteration it names;
     - an ``iter_XXXXXXX`` folder holding a complete save -> that iteration;
     - anything else raises :class:`CheckpointNotFoundError` saying what to pass instead.
+    A missing folder that is not the run's own ``--save`` folder is an error (a misspelled ``--load``
+    would otherwise start from scratch without a word).
     """
     if not os.path.exists(load):
-        return None
+        if own_save:
+            return None
+        raise CheckpointNotFoundError(
+            f"{flag} {load}: no such folder (to start from scratch leave out {flag}; an auto-resuming job gives "
+            "--load and --save the same folder)")
     if not os.path.isdir(load):
         raise CheckpointNotFoundError(f"{flag} {load}: not a folder (give a --save folder or an iter_* folder in it)")
     iteration = read_tracker(load)
@@ -145,6 +156,57 @@ def resolve_load(load: str, flag: str = "--load", own_save: bool = False) -> tup
     raise CheckpointNotFoundError(
         f"{flag} {load}: holds files ({shown}) but no checkpoint (no {TRACKER_FILENAME}, no iter_* folder); "
         "give a pretrain_moc.py --save folder, or a new or empty folder to start from scratch")
+
+
+def saved_iterations(root: str) -> list[int]:
+    """The iterations of the complete ``iter_XXXXXXX`` checkpoints in ``root``, in order."""
+    if not os.path.isdir(root):
+        return []
+    found = (_ITER_RE.fullmatch(e) for e in os.listdir(root))
+    return sorted(int(m.group(1)) for m in found if m and is_saved_checkpoint(os.path.join(root, m.group(0))))
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_save_target(save: str | None, load: str | None, finetune: bool = False) -> None:
+    """Refuse to start a run whose ``--save`` folder holds checkpoints it did not start from.
+
+    Allowed: a ``--save`` folder without checkpoints (missing, empty, or only an interrupted save), and
+    resuming it (``--load`` of the same folder, or of its newest ``iter_*`` folder). Anything else
+    (no ``--load``, another folder, an older ``iter_*`` of it, ``--finetune``) would train from another
+    start and overwrite the tracker and later ``iter_*`` folders, so it raises
+    :class:`CheckpointOverwriteError` naming what is there and the two ways on. A ``--load`` folder that
+    does not exist (and is not ``--save``) raises :class:`CheckpointNotFoundError` here too, before the model
+    is built.
+    """
+    if load is not None and not os.path.exists(load) and not (save is not None and _same_path(load, save)):
+        resolve_load(load)  # raises, saying what to give instead
+    if save is None or not os.path.isdir(save):
+        return
+    tracker = read_tracker(save)
+    iterations = saved_iterations(save)
+    if tracker is None and not iterations:
+        return
+    newest = max(iterations + ([tracker] if tracker is not None else []))
+    where = (f"a checkpoint at iteration {tracker} ({TRACKER_FILENAME})" if tracker is not None
+             else f"checkpoints up to iteration {newest} (iter_* folders)")
+    ways = f"resume it with --load {save}, or give a new --save folder"
+    if load is not None and not finetune:
+        if _same_path(load, save):
+            return
+        match = _ITER_RE.fullmatch(os.path.basename(os.path.normpath(load)))
+        if match and _same_path(os.path.dirname(os.path.normpath(load)), save):
+            if int(match.group(1)) >= newest:
+                return
+            raise CheckpointOverwriteError(
+                f"--save {save} holds {where}, newer than --load {load}, which this run would overwrite: {ways}")
+    if load is None:
+        start = "this run starts from scratch (no --load)"
+    else:
+        start = "--finetune starts at iteration 0" if finetune else f"this run starts from --load {load}"
+    raise CheckpointOverwriteError(f"--save {save} already holds {where}, but {start}: {ways}")
 
 
 def _fsync_dir(path: str) -> None:

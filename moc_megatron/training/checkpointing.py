@@ -44,7 +44,7 @@ from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.run_config import CheckpointConfig, RunConfig, ScheduleConfig
-from moc_megatron.training.save_queue import install_save_results_queue
+from moc_megatron.training.save_queue import install_save_results_queue, writer_children_die_with_rank
 
 CHECKPOINT_VERSION = 3.0
 
@@ -166,7 +166,8 @@ def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: 
     if tokenizer_record is not None:
         state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
     install_save_results_queue()
-    dist_checkpointing.save(state, staging)
+    with writer_children_die_with_rank():
+        dist_checkpointing.save(state, staging)
     dist.barrier()
     maybe_stall_save(iteration)
     final = meta.checkpoint_path(root, iteration)
@@ -231,7 +232,7 @@ def _reconcile_scheduler(schedule: ScheduleConfig, scheduler: OptimizerParamSche
     derived = {"lr_decay_steps", "wd_incr_steps"} if schedule.lr_decay_iters_derived else set()
     if derived and schedule.lr_warmup_fraction is not None:
         derived.add("lr_warmup_steps")
-    diffs, adopted = [], []
+    diffs, adopted, theirs_flags = [], [], []
     for name, flag in _SCHEDULER_FLAGS.items():
         if name not in saved or getattr(scheduler, name) == saved[name]:
             continue
@@ -243,10 +244,12 @@ def _reconcile_scheduler(schedule: ScheduleConfig, scheduler: OptimizerParamSche
             adopted.append(f"{flag} {theirs}")
         elif not any(d.startswith(flag + " ") for d in diffs):
             diffs.append(f"{flag} {theirs} in the checkpoint, {ours} here")
+            theirs_flags.append(f"{flag} {theirs}")
     if diffs:
         raise CheckpointMismatchError(
-            f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values, or "
-            "--override-opt_param-scheduler to use this run's, or --use-checkpoint-opt_param-scheduler")
+            f"checkpoint {path} has another LR schedule ({'; '.join(diffs)}): give the checkpoint's values "
+            f"({' '.join(theirs_flags)}), or --override-opt_param-scheduler to use this run's, or "
+            "--use-checkpoint-opt_param-scheduler")
     if not adopted:
         return None
     print_rank_0(f" > resuming the checkpoint's LR schedule ({', '.join(dict.fromkeys(adopted))}); "

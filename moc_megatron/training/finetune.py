@@ -53,7 +53,20 @@ starts at iteration 0; with --load DIR holding a checkpoint of this finetuning r
 def build_finetune_parser() -> argparse.ArgumentParser:
     """``pretrain_moc.py``'s parser plus the instruction-tuning flags."""
     parser = build_parser()
-    parser.description = "Instruction-tune (SFT) a pretrained Mixture-of-Chapters model on chat data."
+    parser.usage = ("%(prog)s [--preset NAME] --pretrained-checkpoint DIR --sft-data-path PREFIX\n"
+                    "         --tokenizer-type T --tokenizer-model PATH [--train-iters N] [--lr LR]\n"
+                    "         [--save DIR [--load DIR]] [FLAG ...]")
+    parser.description = """\
+Instruction-tune (SFT) a pretrained Mixture-of-Chapters model on chat data (loss on assistant tokens only).
+
+Most used flags (all flags, grouped, below; the IFT recipe at the end):
+  --pretrained-checkpoint DIR      a pretrain_moc.py --save folder: its weights, iteration 0
+  --sft-data-path PREFIX           the output prefix of tools/preprocess_sft.py; --split 98,2,0
+  --tokenizer-type T --tokenizer-model PATH   the tokenizer of the data (and of the checkpoint)
+  --preset NAME and the model flags of the pretrained run
+  --micro-batch-size N --global-batch-size N --train-iters N --lr LR --moc-memory-lr LR --moc-bank-lr LR
+  --save DIR --load DIR            --load of its own --save folder resumes the tuning run when it holds one
+"""
     parser.epilog = IFT_EPILOG
     g = parser.add_argument_group("instruction tuning")
     g.add_argument("--sft-data-path", default=None,

@@ -7,6 +7,7 @@ TensorBoard writer live on the last rank, as in Megatron-LM (it holds the last p
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -146,6 +147,24 @@ def _histogram_by_chapter(writer, tag: str, counts: torch.Tensor, iteration: int
         tag, min=0.0, max=float(len(counts) - 1), num=total, sum=float((index * counts).sum()),
         sum_squares=float((index * index * counts).sum()), bucket_limits=(index + 0.5).tolist(),
         bucket_counts=counts.tolist(), global_step=iteration)
+
+
+def tensorboard_note(tensorboard_dir: str | None, start_iteration: int) -> str | None:
+    """The line that says a run writes into a ``--tensorboard-dir`` already holding event files (else ``None``).
+
+    A resumed run adds its iterations after the earlier ones (one curve goes on); a run from iteration 0
+    draws over the earlier run's curves, which is rarely meant. Call before the run's writer exists.
+    """
+    if not tensorboard_dir or not os.path.isdir(tensorboard_dir):
+        return None
+    events = [f for f in os.listdir(tensorboard_dir) if f.startswith("events.out.tfevents")]
+    if not events:
+        return None
+    if start_iteration > 0:
+        return (f" > TensorBoard: {tensorboard_dir} holds {len(events)} earlier event file(s); this run appends "
+                f"iterations {start_iteration + 1}.. to the same curves (another --tensorboard-dir keeps it apart)")
+    return (f" > TensorBoard: {tensorboard_dir} holds {len(events)} event file(s) of an earlier run; this run starts "
+            "at iteration 1 and draws over its curves: give another --tensorboard-dir to keep them apart")
 
 
 class TrainingLogger:

@@ -20,6 +20,7 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
 from moc_megatron.platform.distributed import restart_round
+from moc_megatron.training.checkpoint_meta import check_save_target
 from moc_megatron.training.checkpointing import load_training_state, save_checkpoint
 from moc_megatron.training.config_from_args import as_run_config, run_model_settings
 from moc_megatron.training.data import (
@@ -36,6 +37,7 @@ from moc_megatron.training.logging import (
     print_rank_last,
     reduce_memory_aux_losses,
     reset_memory_statistics,
+    tensorboard_note,
 )
 from moc_megatron.training.nan_check import NonFiniteLossError, is_nonfinite, nonfinite_loss_message
 from moc_megatron.training.optimizer import role_lrs
@@ -162,6 +164,8 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     ``forward_step_func`` replaces :func:`train_step.forward_step` (both used by ``finetune_moc.py``).
     """
     run = as_run_config(run)
+    ckpt = run.checkpointing
+    check_save_target(ckpt.save, ckpt.load, ckpt.finetune)  # before anything is built or written
     datasets_provider = datasets_provider or build_datasets
     step_kwargs = {} if forward_step_func is None else {"forward_step_func": forward_step_func}
     tokenizer, tokenizer_vocab, record = check_inputs(run.data)  # before any process group: every rank stops
@@ -182,6 +186,9 @@ def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forwar
     # Middle pipeline stages build no dataset but take part in every evaluation pass.
     do_valid = log.eval_iters > 0 and _on_any_rank(valid_ds is not None)
 
+    note = tensorboard_note(log.tensorboard_dir, iteration)
+    if note:
+        print_rank_0(note)
     logger = TrainingLogger(run, config, stack.model)
     reset_memory_statistics(stack.model)  # start the router statistics from this run's first step
     last_saved = iteration

@@ -111,16 +111,20 @@ def _validate_schedule(args: argparse.Namespace) -> None:
              else f"--lr-decay-iters {args.lr_decay_iters}")
     if args.lr_warmup_iters >= args.lr_decay_iters:
         raise ArgumentsError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than {decay}: lower it, or give "
-            "--lr-warmup-fraction (e.g. 0.05), which scales with the run")
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than {decay}: lower it (e.g. "
+            f"--lr-warmup-iters {args.lr_decay_iters // 10}), or give --lr-warmup-fraction (e.g. 0.1), which scales "
+            "with the run")
     if args.lr_decay_style == "WSD":
         if args.lr_wsd_decay_iters is None:
             raise ArgumentsError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
-        if args.lr_wsd_decay_iters > args.lr_decay_iters - args.lr_warmup_iters:
+        after = args.lr_decay_iters - args.lr_warmup_iters
+        if args.lr_wsd_decay_iters > after:
+            longer = "--train-iters" if args.lr_decay_iters_derived else "--lr-decay-iters"
             raise ArgumentsError(
-                f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} is longer than the "
-                f"{args.lr_decay_iters - args.lr_warmup_iters} iterations after warmup "
-                f"({decay} - --lr-warmup-iters {args.lr_warmup_iters})")
+                f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} is longer than the {after} iterations after warmup "
+                f"({decay} - --lr-warmup-iters {args.lr_warmup_iters}): give --lr-wsd-decay-iters {after} or less "
+                f"(e.g. {max(1, after // 5)}, a fifth), or {longer} "
+                f"{args.lr_warmup_iters + args.lr_wsd_decay_iters} or more")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ArgumentsError(
             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")

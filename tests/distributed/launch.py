@@ -13,7 +13,9 @@
 ``run_distributed`` starts ``torchrun --standalone --nproc_per_node=N`` (a free rendezvous port is
 picked by the OS, so parallel test runs do not collide) on either a script or a module-level
 function, waits at most ``timeout`` seconds and fails the calling test with the workers' output if
-any worker exits non-zero or time runs out. Workers get ``MOC_FORCE_CPU=1`` (these are gloo tests,
+any worker exits non-zero or time runs out. An interrupt (SIGINT, or SIGTERM: :func:`interrupt_on_sigterm`)
+kills torchrun's whole process group before it propagates, so no launcher or rank outlives the test run.
+Workers get ``MOC_FORCE_CPU=1`` (these are gloo tests,
 also on a GPU machine) and ``OMP_NUM_THREADS=1`` unless ``env`` says otherwise. Pass parameters to a
 function through ``env``. A function's module is loaded in the workers by file path with its own
 directory on ``sys.path`` (so ``import _mcore_helpers`` works there as it does under pytest); keep
@@ -33,6 +35,21 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _OUTPUT_TAIL_CHARS = 20_000
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in this (main-thread) process, as SIGINT does.
+
+    Python's default SIGTERM ends the process at once, skipping every ``finally``: the torchrun groups
+    started here (own sessions, so a terminal's signals miss them) and ``subprocess.run`` children would
+    live on. As an exception, the clean-ups run (pytest reports the interrupt and stops).
+    """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def run_distributed(
@@ -67,6 +84,7 @@ def run_distributed(
         "--standalone", f"--nproc_per_node={nprocs}", f"--max-restarts={max_restarts}",
         str(script), *script_args,
     ]
+    interrupt_on_sigterm()
     child_env = {**os.environ, "MOC_FORCE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     # Output goes to a file and the wait is on torchrun itself, not on the end of its output: a
     # process left behind by a killed worker must not keep the test waiting. Leftovers are then killed.
@@ -84,7 +102,8 @@ def run_distributed(
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_group(proc)
+        finally:  # also on an interrupt: torchrun and its workers go with it
+            _kill_group(proc)
         log.seek(0)
         output = log.read()
     if timed_out:

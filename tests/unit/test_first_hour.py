@@ -82,7 +82,8 @@ def test_load_accepts_a_save_folder_or_an_iter_folder_and_refuses_anything_else(
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run("--train-iters", "2", "--load", str(empty)).start_iteration == 0
-    assert run("--train-iters", "2", "--load", str(tmp_path / "missing")).start_iteration == 0
+    with pytest.raises(CheckpointNotFoundError, match="no such folder"):
+        run("--train-iters", "2", "--load", str(tmp_path / "missing"))
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("hello")
