@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from test_first_hour import run, tiny  # tests/unit is on sys.path under pytest
 
-from moc_megatron.training.arguments import parse_args
 from moc_megatron.training.checkpoint_meta import (
     TRACKER_FILENAME,
     CheckpointNotFoundError,
@@ -20,22 +20,8 @@ from moc_megatron.training.checkpoint_meta import (
     read_tracker,
 )
 from moc_megatron.training.finetune import finetune, parse_finetune_args
-from moc_megatron.training.loop import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tiny(*extra: str) -> list[str]:
-    return [
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
-        "--vocab-size", "128", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
-        "--lr", "5e-3", "--min-lr", "5e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
-        "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0", *extra,
-    ]
-
-
-def run(*extra: str):
-    return pretrain(parse_args(tiny(*extra), world_size=1, exit_on_error=False))
 
 
 def snapshot(root) -> dict[str, tuple[int, int, bytes | None]]:
