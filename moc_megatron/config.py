@@ -11,7 +11,7 @@ from typing import Literal
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RoutingUnit = Literal["sequence", "chunk", "token"]
+RoutingUnit = Literal["sequence", "document", "chunk", "token"]
 Gating = Literal["paper", "mixture"]
 AttentionImpl = Literal["auto", "triton", "blocked", "gather"]
 
@@ -48,10 +48,12 @@ class MoCConfig(TransformerConfig):
     """Width ``d`` of a memory token (default: ``hidden_size``)."""
 
     moc_routing_unit: RoutingUnit = "sequence"
-    """``sequence`` (paper, sees future tokens), ``chunk`` or ``token`` (both causal)."""
+    """``document`` (one route per packed document, pooled over it: the paper's per-sequence routing under
+    packing), ``sequence`` (one route per packed window, pooled over it), ``chunk`` or ``token`` (both causal)."""
 
     moc_chunk_size: int = 64
-    """Tokens per routing chunk for ``moc_routing_unit='chunk'``."""
+    """Tokens per routing chunk (``chunk``); with ``document`` routing, the length of the fixed pieces a
+    document is read in."""
 
     moc_gating: Gating = "paper"
     """``paper``: weighted memory tokens in one softmax; ``mixture``: one softmax per chapter."""
@@ -79,7 +81,13 @@ class MoCConfig(TransformerConfig):
     moc_bank_seed: int = 1234
     """Seed of the bank's initialisation; every parallel layout draws the same bank from it."""
 
+    reset_attention_mask: bool = False
+    """Documents packed into a window are separated (Megatron-LM's ``--reset-attention-mask``): attention is
+    block-causal within each document and ``chunk`` routing restarts its running mean at every document start."""
+
     def __post_init__(self) -> None:
+        if self.reset_attention_mask:
+            self.apply_rope_fusion = False  # RoPE angles differ per row (positions restart per document)
         if self.moc_memory_layers:
             # Memory layers have parameters the others lack: checkpoint every layer under its own index
             # (decoder.layers.N.*) instead of megatron's stacked [num_layers, ...] tensors.
@@ -158,13 +166,14 @@ class MoCConfig(TransformerConfig):
                 f"{self.moc_num_routed_chapters} routed chapters (moc_num_chapters - moc_num_shared_chapters) "
                 f"do not divide evenly over expert-model-parallel-size {ep}"
             )
-        if self.moc_routing_unit not in ("sequence", "chunk", "token"):
-            raise ValueError(f"moc_routing_unit must be sequence, chunk or token, not {self.moc_routing_unit!r}")
+        if self.moc_routing_unit not in ("sequence", "document", "chunk", "token"):
+            raise ValueError("moc_routing_unit must be sequence, document, chunk or token, "
+                             f"not {self.moc_routing_unit!r}")
         if self.moc_gating not in ("paper", "mixture"):
             raise ValueError(f"moc_gating must be paper or mixture, not {self.moc_gating!r}")
         if self.moc_attention_impl not in ("auto", "triton", "blocked", "gather"):
             raise ValueError(
                 f"moc_attention_impl must be auto, triton, blocked or gather, not {self.moc_attention_impl!r}"
             )
-        if self.moc_routing_unit == "chunk" and self.moc_chunk_size < 1:
+        if self.moc_routing_unit in ("chunk", "document") and self.moc_chunk_size < 1:
             raise ValueError("moc_chunk_size must be positive")

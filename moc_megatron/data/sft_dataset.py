@@ -25,17 +25,7 @@ import numpy as np
 import torch
 
 from moc_megatron.data.sft_preprocess import SFT_FORMAT
-
-
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Megatron-style boolean mask ``[..., 1, s, s]``, True where attention is *not* allowed.
-
-    A position attends to earlier positions of its own segment only.
-    """
-    s = segment_ids.shape[-1]
-    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return (~(same & causal)).unsqueeze(-3)
+from moc_megatron.memory.documents import block_causal_mask as packed_attention_mask  # noqa: F401 (re-export)
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -25,6 +25,7 @@ from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
 from moc_megatron.memory.chapter_attention import chapter_attention, fits_one_block, resolve_impl
 from moc_megatron.memory.dispatcher import CommBytes, all_to_all_bytes, make_dispatcher
+from moc_megatron.memory.documents import DocumentUnits
 from moc_megatron.memory.router import ChapterRouter, chapter_weights
 from moc_megatron.memory.units import RoutingUnits
 from moc_megatron.model.norm import MemoryRMSNorm
@@ -100,7 +101,9 @@ class MoCMemoryAttention(MegatronModule):
         self.routed_norm = build_module(submodules.routed_norm, config=config, hidden_size=config.moc_bank_dim,
                                         eps=config.layernorm_epsilon)
         self.router = ChapterRouter(config, layer_number=layer_number)
-        self.units = RoutingUnits(config.moc_routing_unit, config.moc_chunk_size)
+        # Without document ids a document is the whole sequence.
+        fixed_unit = "sequence" if config.moc_routing_unit == "document" else config.moc_routing_unit
+        self.units = RoutingUnits(fixed_unit, config.moc_chunk_size)
         groups = self.groups
         self.own_bank = None if config.moc_shared_bank else MemoryBank(config, groups=groups)
         self._shared_bank: list[MemoryBank] = []
@@ -122,7 +125,12 @@ class MoCMemoryAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, key_value_states=None,
                 inference_context=None, **kwargs) -> tuple[torch.Tensor, None]:
-        """Memory read of ``hidden_states`` ``[s, b, h]`` (sequence-sharded under SP)."""
+        """Memory read of ``hidden_states`` ``[s, b, h]`` (sequence-sharded under SP).
+
+        ``key_value_states`` (megatron's cross-attention context, which the model fills with
+        ``document_ids`` ``[b, s]`` of packed documents, or ``None``) decides the routing units with
+        :meth:`routing_layout`.
+        """
         cfg = self.config
         if cfg.sequence_parallel and self.groups.tp_size > 1:
             # W_Q's column-parallel backward already all-reduces its input gradient and the router's
@@ -130,31 +138,47 @@ class MoCMemoryAttention(MegatronModule):
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         s, b, _ = hidden_states.shape
         training = self.training and torch.is_grad_enabled()
+        layout = self.routing_layout(key_value_states)
 
-        routing = self.router(self.units.pool(hidden_states))
+        routing = self.router(layout.pool(hidden_states))
         shared_w, routed_w = chapter_weights(routing, cfg)
+        chapters = routing.chapters
+        if isinstance(layout, DocumentUnits):  # ragged units read as fixed-length pieces carrying their route
+            chapters, shared_w, routed_w = (layout.per_piece(t) for t in (chapters, shared_w, routed_w))
 
         query = self.linear_q(hidden_states)[0].view(s, b, self.num_heads, self.head_dim)
-        query = self.units.split(query)
+        query = layout.split(query)
         if not self.dispatcher.communicates:  # every chapter is here: nothing to send, no partials to merge
-            out = self._local_read(query, routing.chapters, shared_w, routed_w)
+            out = self._local_read(query, chapters, shared_w, routed_w)
         else:
             # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
             shared_w = copy_to_tensor_model_parallel_region(shared_w)
             routed_w = copy_to_tensor_model_parallel_region(routed_w)
-            sent = self.dispatcher.dispatch(query, routing.chapters, routed_w)
+            sent = self.dispatcher.dispatch(query, chapters, routed_w)
             routed = self._routed_partial(sent.query, sent.local_chapters, sent.weights)
             shared = self._shared_partial(query, shared_w)
             out = self.dispatcher.combine(sent.plan, *routed, extra=shared)
             if training:
                 self._comm = self._comm + all_to_all_bytes(sent, *routed)
-        out = self.units.join(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
+        out = layout.join(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
 
         output, bias = self.linear_o(out)
         if training:
             self.router.record_load(routing)
             output = attach_router_losses(output, routing, cfg, self.layer_number)
         return output, bias
+
+    def routing_layout(self, document_ids: torch.Tensor | None) -> RoutingUnits | DocumentUnits:
+        """The routing units of this forward: documents (``document``), chunks restarting at every document start
+        (``chunk`` with ``reset_attention_mask``: documents separated) when ``document_ids`` ``[b, s]`` are given;
+        otherwise the fixed layout of ``--moc-routing-unit`` (a ``document`` is then the whole sequence)."""
+        unit = self.config.moc_routing_unit
+        separated = unit == "document" or (unit == "chunk" and self.config.reset_attention_mask)
+        if document_ids is None or not separated:
+            return self.units
+        if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 2:
+            raise TypeError("the memory read's context must be document ids [batch, sequence] or None")
+        return DocumentUnits.build(document_ids, unit, self.config.moc_chunk_size)
 
     def compute_comm_metrics(self, reset: bool = False) -> CommBytes:
         """Bytes this rank's memory all-to-alls sent to other ranks in training forwards (and their backwards)

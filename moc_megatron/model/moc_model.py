@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.memory.bank import MemoryBank
+from moc_megatron.memory.documents import block_causal_mask, positions_in_documents
 from moc_megatron.memory.memory_attention import MoCMemoryAttention
 from moc_megatron.model.layer_specs import block_spec
 from moc_megatron.parallel.groups import memory_groups
@@ -41,6 +43,7 @@ class MoCGPTModel(GPTModel):
             **extra,
         )
         self.memory_bank = None
+        self._rope_positions: torch.Tensor | None = None
         layers = self.memory_layers()
         if layers and config.moc_shared_bank:
             groups = memory_groups(getattr(self, "pg_collection", None))
@@ -48,6 +51,35 @@ class MoCGPTModel(GPTModel):
             self.memory_bank.pipeline_replica = _bank_pipeline_replica(self)
             for layer in layers:
                 layer.set_shared_bank(self.memory_bank)
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, document_ids=None, **kwargs):
+        """megatron's ``GPTModel.forward``, plus ``document_ids`` ``[b, s]`` of packed documents (a new document
+        starts wherever the id changes): the memory layers route per document (``document`` routing, and
+        ``chunk`` routing restarting at document starts with ``reset_attention_mask``), and with
+        ``reset_attention_mask`` and no ``attention_mask`` the attention is block-causal within documents."""
+        if document_ids is None:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        if self.config.reset_attention_mask:
+            if attention_mask is None:
+                attention_mask = block_causal_mask(document_ids)
+            self._rope_positions = positions_in_documents(document_ids)
+        extra = dict(kwargs.get("extra_block_kwargs") or {})
+        extra["context"] = document_ids  # megatron hands the block's context to every cross-attention
+        kwargs["extra_block_kwargs"] = extra
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._rope_positions = None
+
+    def _preprocess(self, *args, **kwargs):
+        """megatron's preprocessing; with separated documents, RoPE counts positions from each document's start
+        (``[s, b, 1, d]`` rotary angles instead of ``[s, 1, 1, d]``), so a document reads as it would alone."""
+        out = super()._preprocess(*args, **kwargs)
+        positions = getattr(self, "_rope_positions", None)
+        if positions is None or not isinstance(out[1], torch.Tensor):
+            return out
+        per_row = out[1][:, 0][positions.t()]
+        return (out[0], per_row, *out[2:])
 
     def memory_layers(self) -> list[MoCMemoryAttention]:
         """The memory-read modules of the layers on this stage."""

@@ -159,6 +159,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
     g.add_argument("--num-workers", type=int, default=2, help="Data-loader worker processes.")
     g.add_argument("--eod-mask-loss", action="store_true", help="No loss on end-of-document tokens.")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="Separate the documents packed into a window: block-causal attention within each document "
+                        "(documents end with the tokenizer's end-of-document token) and --moc-routing-unit chunk "
+                        "restarting at every document start.")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="Position ids restart at every document (needs --reset-attention-mask: RoPE positions are "
+                        "relative, so within the block-causal mask they already count from each document's start).")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:

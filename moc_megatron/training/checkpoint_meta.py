@@ -256,6 +256,8 @@ def model_signature(config: MoCConfig, settings: ModelSettings) -> dict:
     # Recorded only when on: signatures of checkpoints saved before these flags existed stay the same.
     if config.add_qkv_bias:
         sig["add_qkv_bias"] = True
+    if config.reset_attention_mask:
+        sig["reset_attention_mask"] = True
     if settings.rope_scaling:
         sig.update(rope_scaling=True, rope_scaling_factor=settings.rope_scaling_factor)
     return sig

@@ -23,8 +23,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from moc_megatron import platform
+from moc_megatron.config import MoCConfig
 from moc_megatron.data.dataset_check import check_indexed_dataset
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
+from moc_megatron.memory.documents import document_ids_from_tokens
 from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.run_config import DataConfig, RunConfig
 
@@ -112,6 +114,26 @@ def is_dataset_built_on_rank() -> bool:
     return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
 
 
+def needs_document_ids(model: MoCConfig) -> bool:
+    """Whether the model reads where packed documents start (``document`` routing, or documents separated)."""
+    return model.reset_attention_mask or (model.has_memory and model.moc_routing_unit == "document")
+
+
+class WithDocumentIds(torch.utils.data.Dataset):
+    """A GPT dataset whose samples also carry ``document_ids`` ``[seq_length]``: a document ends with ``eod``."""
+
+    def __init__(self, dataset, eod: int) -> None:
+        self.dataset, self.eod = dataset, eod
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        sample = dict(self.dataset[idx])
+        sample["document_ids"] = document_ids_from_tokens(sample["tokens"].view(1, -1), self.eod).view(-1)
+        return sample
+
+
 def dataset_config(data: DataConfig, seed: int, tokenizer) -> GPTDatasetConfig:
     """megatron-core's GPT dataset configuration for the run's data."""
     return GPTDatasetConfig(
@@ -122,8 +144,8 @@ def dataset_config(data: DataConfig, seed: int, tokenizer) -> GPTDatasetConfig:
         split=data.split if data.data_blend is not None else None,
         path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=False,  # RoPE positions come from the sequence, not from position ids
-        reset_attention_mask=False,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=False,  # the model builds the block-causal mask from the batch's document ids
         eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,  # causal attention needs no explicit mask
     )
@@ -142,7 +164,11 @@ def build_datasets(run: RunConfig | argparse.Namespace, tokenizer) -> tuple:
     sizes = split_sizes(run)
     config = dataset_config(run.data, run.seed, tokenizer)
     cls = MockGPTDataset if config.mock else GPTDataset
-    return tuple(BlendedMegatronDatasetBuilder(cls, sizes, is_dataset_built_on_rank, config).build())
+    if not needs_document_ids(run.model):
+        return tuple(BlendedMegatronDatasetBuilder(cls, sizes, is_dataset_built_on_rank, config).build())
+    # Every pipeline stage with a memory layer or a masked attention needs the document ids.
+    built = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    return tuple(None if ds is None else WithDocumentIds(ds, tokenizer.eod) for ds in built)
 
 
 def _loader(dataset, consumed_samples: int, run: RunConfig) -> torch.utils.data.DataLoader:
@@ -170,9 +196,11 @@ def data_iterators(dataset, consumed_samples: int, run: RunConfig | argparse.Nam
     return [iter(_loader(dataset, consumed_samples, run)) for _ in range(num_chunks)]
 
 
-def get_batch(data_iterator, pre_process: bool, post_process: bool) -> dict[str, torch.Tensor]:
-    """The next micro-batch on the compute device: what this model chunk needs of it, or ``{}``."""
-    if not (pre_process or post_process):
+def get_batch(data_iterator, pre_process: bool, post_process: bool, documents: bool = False
+              ) -> dict[str, torch.Tensor]:
+    """The next micro-batch on the compute device: what this model chunk needs of it, or ``{}``
+    (``documents``: the chunk reads the document ids, whatever its stage)."""
+    if not (pre_process or post_process or documents):
         return {}
     batch = next(data_iterator)
     device = platform.get_device()

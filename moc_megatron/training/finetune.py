@@ -41,9 +41,9 @@ The paper's instruction-tuning (IFT) recipe:
 
 Data: --sft-data-path PREFIX is the --output-prefix of tools/preprocess_sft.py (use its --pack-length =
 --seq-length); --split divides its samples into train/valid/test. Loss is on assistant tokens only.
-Packed conversations are isolated from each other in attention. Note: with --moc-routing-unit sequence
-or chunk the memory router pools over the whole packed sample, so packed conversations can still
-influence each other's chapter choice; --moc-routing-unit token (or no packing) isolates them fully.
+Packed conversations are isolated from each other in attention. With --moc-routing-unit document each
+conversation gets its own route; chunk routing restarts at every conversation with --reset-attention-mask;
+with sequence routing (or chunk without it) packed conversations influence each other's chapter choice.
 
 Start: --pretrained-checkpoint DIR (a pretrain_moc.py --save directory) loads the model weights only and
 starts at iteration 0; with --load DIR holding a checkpoint of this finetuning run, it resumes instead.
@@ -220,6 +220,7 @@ def sft_forward_step(data_iterator, model: torch.nn.Module):
         batch["position_ids"] if pre_process else None,
         batch["attention_mask"],
         labels=batch["labels"] if post_process else None,
+        document_ids=batch["segment_ids"],  # a conversation is a document: its own route with document routing
     )
     return output, partial(sft_loss_func, batch["loss_mask"])
 
@@ -240,7 +241,7 @@ def finetune(run: RunConfig | argparse.Namespace):
                           "(iteration 0)")
     else:
         _print_first_rank(f" > resuming the finetuning run in {run.checkpointing.load}")
-    if run.model.has_memory and run.model.moc_routing_unit != "token":
-        _print_first_rank(f" > note: --moc-routing-unit {run.model.moc_routing_unit} pools over the whole packed "
-                          "sample; packed conversations share their chapter routing (attention is still block-causal)")
+    if run.model.has_memory and run.model.moc_routing_unit == "sequence":
+        _print_first_rank(" > note: --moc-routing-unit sequence pools over the whole packed sample; packed "
+                          "conversations share their chapter routing (--moc-routing-unit document routes each one)")
     return pretrain(run, datasets_provider=build_sft_datasets, forward_step_func=sft_forward_step)

@@ -108,6 +108,9 @@ class DataConfig:
     data_cache_path: str | None
     num_workers: int
     eod_mask_loss: bool
+    reset_position_ids: bool = False
+    """Position ids restart at every document (Megatron-LM's ``--reset-position-ids``; with RoPE, positions act
+    through the block-causal mask of ``--reset-attention-mask``, which it requires)."""
     sft_data_path: str | None = None
     """``finetune_moc.py``'s chat data (``tools/preprocess_sft.py`` output prefix)."""
 

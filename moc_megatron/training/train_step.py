@@ -15,7 +15,7 @@ from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from moc_megatron.memory.aux_losses import set_aux_loss_scale
 from moc_megatron.training.config_from_args import as_run_config
-from moc_megatron.training.data import get_batch
+from moc_megatron.training.data import get_batch, needs_document_ids
 from moc_megatron.training.nan_check import local_losses_nonfinite, on_any_rank
 from moc_megatron.training.run_config import RunConfig, ScheduleConfig
 from moc_megatron.training.schedule import scheduler_step
@@ -41,12 +41,14 @@ def forward_step(data_iterator, model: torch.nn.Module):
     """megatron ``forward_step_func``: run one micro-batch through one model chunk."""
     pre_process = get_attr_wrapped_model(model, "pre_process")
     post_process = get_attr_wrapped_model(model, "post_process")
-    batch = get_batch(data_iterator, pre_process, post_process)
+    documents = needs_document_ids(get_attr_wrapped_model(model, "config"))
+    batch = get_batch(data_iterator, pre_process, post_process, documents)
     output = model(
         batch.get("tokens") if pre_process else None,
         batch.get("position_ids") if pre_process else None,
         None,
         labels=batch.get("labels") if post_process else None,
+        document_ids=batch.get("document_ids"),
     )
     return output, partial(loss_func, batch.get("loss_mask"))
 

@@ -157,6 +157,9 @@ def _validate_data(args: argparse.Namespace) -> None:
             "real data needs --tokenizer-type and --tokenizer-model (the tokenizer the data was made with)")
     if args.tokenizer_type is None and args.vocab_size is None:
         raise ArgumentsError("--mock-data without a tokenizer needs --vocab-size (or a --preset)")
+    if getattr(args, "reset_position_ids", False) and not getattr(args, "reset_attention_mask", False):
+        raise ArgumentsError("--reset-position-ids needs --reset-attention-mask: RoPE positions are relative, so "
+                             "they restart per document only where attention stops at document boundaries")
 
 
 def _validate_model(args: argparse.Namespace) -> None:
