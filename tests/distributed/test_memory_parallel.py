@@ -11,7 +11,8 @@ from launch import run_distributed
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).parent / "workers" / "memory_layout_worker.py"
-CASES = ["sequence:paper", "token:mixture", "chunk:paper", "chunk:mixture", "token:paper", "token:paper:skewed"]
+CASES = ["sequence:paper", "token:mixture", "chunk:paper", "chunk:mixture", "token:paper", "token:paper:skewed",
+         "document:paper:documents", "document:mixture:documents", "chunk:paper:documents"]
 
 
 def run_layout(tmp_dir: Path, tp: int, ep: int, sp: bool = False) -> dict:

@@ -1,7 +1,8 @@
 """Runs one MoC memory layer under a TP x EP (x SP) layout and saves full outputs and gradients.
 
 Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, SP, CASES
-(comma-separated ``unit:gating`` pairs) and OUT (written by rank 0: one result per case). The batch is
+(comma-separated ``unit:gating[:skewed|:documents]``; ``documents``: the rows hold packed documents of ragged
+lengths, given to the layer as document ids, with chunks restarting at document starts) and OUT (written by rank 0: one result per case). The batch is
 split over the data-parallel ranks (the expert-parallel ranks are data-parallel ranks too, as in
 megatron); the saved tensors are reassembled so that every layout must give the single-process values.
 """
@@ -19,6 +20,10 @@ from moc_megatron.memory.memory_attention import MoCMemoryAttention
 from moc_megatron.platform import destroy_distributed, initialize_distributed
 
 BATCH, SEQ, HIDDEN = 4, 8, 32
+# Packed documents per row (a new one wherever the id changes): a one-token document, ragged lengths, one
+# whole-row document; every row of a data-parallel rank differs from the others.
+DOCUMENT_IDS = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1],
+                             [0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 2, 2, 2, 3, 3]])
 
 
 def gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -41,14 +46,15 @@ def main() -> None:
     initialize_distributed(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     results = {}
     for case in os.environ["CASES"].split(","):
-        unit, gating, *skewed = case.split(":")
-        results[case] = run_case(tp, ep, sp, unit, gating, skewed == ["skewed"])
+        unit, gating, *extra = case.split(":")
+        results[case] = run_case(tp, ep, sp, unit, gating, extra == ["skewed"], extra == ["documents"])
     if dist.get_rank() == 0:
         torch.save(results, os.environ["OUT"])
     destroy_distributed()
 
 
-def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str, skewed: bool) -> dict[str, torch.Tensor]:
+def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str, skewed: bool, documents: bool
+             ) -> dict[str, torch.Tensor]:
     """Forward and backward of one memory layer; returns full (reassembled) tensors.
 
     ``skewed``: the router is biased so every unit picks chapters 0..k-1, all on the first EP rank; the
@@ -60,6 +66,7 @@ def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str, skewed: bool) -
         moc_num_query_groups=2, moc_routing_unit=unit, moc_gating=gating,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=sp, use_cpu_initialization=True,
         params_dtype=torch.float64, moc_load_balance_coeff=0.0, moc_z_loss_coeff=0.0, add_bias_linear=False,
+        reset_attention_mask=documents,
     )
     torch.manual_seed(0)
     module = MoCMemoryAttention(config, layer_number=1).double()
@@ -82,7 +89,7 @@ def run_case(tp: int, ep: int, sp: bool, unit: str, gating: str, skewed: bool) -
         tp_rank = ps.get_tensor_model_parallel_rank()
         seq = slice(tp_rank * SEQ // tp, (tp_rank + 1) * SEQ // tp)
     hidden = data[seq, rows].clone().requires_grad_(True)
-    out, _ = module(hidden)
+    out, _ = module(hidden, key_value_states=DOCUMENT_IDS[rows] if documents else None)
     out.backward(grad_out[seq, rows])
 
     dp_group, tp_group = ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()
