@@ -21,9 +21,14 @@ class MoCConfig(PretrainedConfig):
     Memory fields (Megatron flag in brackets): ``memory_layers`` (``--moc-memory-layers``, 0-based),
     ``num_chapters`` ``C``, ``chapter_size`` ``T``, ``num_shared_chapters`` ``S``, ``memory_top_k``,
     ``memory_num_heads``, ``memory_num_kv_heads``, ``bank_dim``, ``routing_unit``
-    (``sequence``/``chunk``/``token``), ``chunk_size``, ``gating`` (``paper``/``mixture``),
+    (``document``/``sequence``/``chunk``/``token``), ``chunk_size``, ``gating`` (``paper``/``mixture``),
     ``routed_scaling_factor``, ``shared_bank``. ``padding_id_without_mask``: when the model is called without
     an attention mask, a trailing run of this id is right padding (``None``: no such inference).
+
+    Documents: ``document_separator_id`` is the token that ends a document (Megatron's end-of-document token);
+    in ``input_ids`` the token after it starts a new document. ``document`` routing routes each document;
+    ``reset_attention_mask`` (``--reset-attention-mask``) also separates documents in attention (block-causal,
+    positions counted from each document's start) and restarts ``chunk`` routing at every document start.
     """
 
     model_type = "moc"
@@ -61,6 +66,8 @@ class MoCConfig(PretrainedConfig):
         shared_bank: bool = True,
         bank_init_std: float = 0.02,
         padding_id_without_mask: int | None = None,
+        document_separator_id: int | None = None,
+        reset_attention_mask: bool = False,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -96,6 +103,8 @@ class MoCConfig(PretrainedConfig):
         self.bank_init_std = bank_init_std
         self.tie_word_embeddings = tie_word_embeddings
         self.padding_id_without_mask = padding_id_without_mask
+        self.document_separator_id = document_separator_id
+        self.reset_attention_mask = reset_attention_mask
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -127,8 +136,8 @@ class MoCConfig(PretrainedConfig):
         if self.num_routed_chapters < 1 or not 1 <= self.memory_top_k <= self.num_routed_chapters:
             raise ValueError(f"need 1 <= memory_top_k ({self.memory_top_k}) <= routed chapters "
                              f"({self.num_routed_chapters})")
-        if self.routing_unit not in ("sequence", "chunk", "token"):
-            raise ValueError(f"routing_unit must be sequence, chunk or token, not {self.routing_unit!r}")
+        if self.routing_unit not in ("sequence", "document", "chunk", "token"):
+            raise ValueError(f"routing_unit must be sequence, document, chunk or token, not {self.routing_unit!r}")
         if self.gating not in ("paper", "mixture"):
             raise ValueError(f"gating must be paper or mixture, not {self.gating!r}")
         if self.memory_num_heads % self.memory_num_kv_heads or self.hidden_size % self.memory_num_heads:

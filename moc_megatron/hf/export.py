@@ -171,6 +171,11 @@ def _write_config(folder: str, config: dict, special: dict, dtype: str, turn_end
     from moc_megatron.hf.configuration_moc import MoCConfig
 
     hf = MoCConfig(**config, **special)
+    if hf.routing_unit == "document" or hf.reset_attention_mask:
+        # Megatron's end-of-document token: the tokenizer's, or id 0 for a run without a tokenizer (the id
+        # training's dataset tokenizer then uses).
+        eod = special.get("eos_token_id")
+        hf.document_separator_id = 0 if eod is None else eod
     hf.auto_map = dict(AUTO_MAP)
     hf.architectures = ["MoCForCausalLM"]
     hf.dtype = "float32" if dtype == "fp32" else "bfloat16"

@@ -97,6 +97,8 @@ def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[s
         flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(config["rope_parameters"]["factor"]))]
     if not config["tie_word_embeddings"]:
         flags.append("--untie-embeddings-and-output-weights")
+    if config.get("reset_attention_mask"):
+        flags.append("--reset-attention-mask")
     return flags
 
 

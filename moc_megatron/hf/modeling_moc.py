@@ -245,11 +245,13 @@ class MoCMemoryAttention(nn.Module):
         return torch.einsum("ngrukt,nktge->nugre", probs, v_sel).reshape(n, u, h, e)
 
     # --- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, real: torch.Tensor, bank: MoCMemoryBank, state: dict | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, real: torch.Tensor, bank: MoCMemoryBank, state: dict | None,
+                doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """Memory read of the normalised hidden states ``x`` ``[b, s, hidden]``.
 
-        ``real`` ``[b, s]`` marks real (non-padding) tokens. ``state`` (a dict kept in the generation
-        cache, or ``None`` for a stand-alone forward) holds the projected chapters and routing state.
+        ``real`` ``[b, s]`` marks real (non-padding) tokens; ``doc_start`` ``[b, s]`` the real tokens that start a
+        document (given with ``document`` routing or ``reset_attention_mask``). ``state`` (a dict kept in the
+        generation cache, or ``None`` for a stand-alone forward) holds the projected chapters and routing state.
         """
         b, s, _ = x.shape
         bank = self.bank if self.bank is not None else bank
@@ -257,7 +259,9 @@ class MoCMemoryAttention(nn.Module):
         store = state.setdefault("chapters", _ChapterKV())
         query = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         unit = self.config.routing_unit
-        if unit == "sequence":
+        if unit == "document" or (unit == "chunk" and self.config.reset_attention_mask):
+            out = self._document_read(x, query, real, doc_start, bank, state, store)
+        elif unit == "sequence":
             if "ids" not in state:  # route once: on the whole input, or on the prompt when generating
                 m = real.unsqueeze(-1).to(x.dtype)
                 state["ids"], state["weights"] = self._route((x * m).sum(1) / m.sum(1).clamp(min=1))
@@ -325,6 +329,80 @@ class MoCMemoryAttention(nn.Module):
         state.update(sum=total + xm.sum(1), length=new_length, ids=last_ids, weights=last_w)
         return out
 
+    def _document_read(self, x, query, real, doc_start, bank, state, store) -> torch.Tensor:
+        """``document`` routing (each document routes on the mean of its real tokens) and ``chunk`` routing within
+        documents (a chunk routes on the mean of its document's real tokens before it). Mirrors
+        ``moc_megatron.memory.documents.DocumentUnits``: units are read in pieces of ``chunk_size`` tokens. ``state``
+        carries the current document's running sum and length and the route of the unit under way, so a unit
+        continued by the next call (decoding) keeps its route; a document keeps the route of its first call."""
+        b, s, hid = x.shape
+        cfg = self.config
+        piece_len, chunked = cfg.chunk_size, cfg.routing_unit == "chunk"
+        if doc_start is None:  # no separator: each row is one document
+            doc_start = real & (torch.cumsum(real.long(), 1) == 1) & ("ids" not in state)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        m = real.long()
+        xm = x.to(acc) * m.unsqueeze(-1)
+        idx = torch.arange(s, device=x.device).expand(b, s)
+        count_before = torch.cumsum(m, 1) - m  # real tokens of this call before each token
+        sum_before = torch.cumsum(xm, 1) - xm
+        start = torch.where(doc_start, idx, -1).cummax(1).values  # this call's start of each token's document
+        cont = start < 0  # the document under way when the last call ended
+        start = start.clamp(min=0)
+        length = state.get("length", torch.zeros(b, dtype=torch.long, device=x.device))
+        total = state.get("sum", x.new_zeros(b, hid, dtype=acc))
+        pos = torch.where(cont, length[:, None] + count_before, count_before - count_before.gather(1, start))
+        before = torch.where(cont[..., None], total[:, None] + sum_before,
+                             sum_before - sum_before.gather(1, start[..., None].expand(b, s, hid)))
+        unit_start = real & (doc_start | (chunked & (pos % piece_len == 0)))
+        unit = torch.cumsum(unit_start.long(), 1)  # 0: the unit under way when the last call ended
+        piece = torch.cumsum((real & ((pos % piece_len == 0) | unit_start)).long(), 1)
+        if not real.any():
+            return torch.zeros_like(query)
+        num_units, width = int(unit.max()) + 1, int(piece.max()) + 1
+        kk = cfg.num_shared_chapters + cfg.memory_top_k
+        ids = torch.zeros(b, num_units, kk, dtype=torch.long, device=x.device)
+        weights = torch.zeros(b, num_units, kk, dtype=acc, device=x.device)
+        if "ids" in state:
+            ids[:, 0], weights[:, 0] = state["ids"], state["weights"]
+        rows, cols = unit_start.nonzero(as_tuple=True)
+        if rows.numel():
+            if chunked:
+                feats = before[rows, cols] / pos[rows, cols].clamp(min=1).unsqueeze(-1).to(acc)
+            else:
+                flat_unit = (torch.arange(b, device=x.device)[:, None] * num_units + unit).flatten()
+                sums = xm.new_zeros(b * num_units, hid).index_add_(0, flat_unit, xm.reshape(b * s, hid))
+                counts = xm.new_zeros(b * num_units).index_add_(0, flat_unit, m.flatten().to(acc))
+                chosen = rows * num_units + unit[rows, cols]
+                feats = sums[chosen] / counts[chosen].clamp(min=1).unsqueeze(-1)
+            ids[rows, unit[rows, cols]], weights[rows, unit[rows, cols]] = self._route(feats)
+        # Queries into a [b, width * piece_len] grid of pieces (padding goes to a spare slot).
+        slot = torch.where(real, piece * piece_len + pos % piece_len, width * piece_len)
+        piece_unit = torch.zeros(b, width + 1, dtype=torch.long, device=x.device)
+        piece_unit.scatter_(1, torch.where(real, piece, width), unit)
+        piece_unit = piece_unit[:, :width, None].expand(b, width, kk)
+        grid = query.new_zeros(b, width * piece_len + 1, self.num_heads, self.head_dim)
+        grid.scatter_(1, slot[..., None, None].expand_as(query), query)
+        units = grid[:, : width * piece_len].reshape(b * width, piece_len, self.num_heads, self.head_dim)
+        index = self._lookup(bank, store, ids.gather(1, piece_unit).view(b * width, kk))
+        out = self._read(units, store.keys, store.values, index, weights.gather(1, piece_unit).view(b * width, kk))
+        out = torch.cat([out.reshape(b, width * piece_len, self.num_heads, self.head_dim),
+                         out.new_zeros(b, 1, self.num_heads, self.head_dim)], dim=1)
+        out = out.gather(1, slot[..., None, None].expand_as(query))
+        seen = real.any(1)
+        last = torch.where(real, idx, -1).max(1).values.clamp(min=0)
+        arange = torch.arange(b, device=x.device)
+        last_unit = unit[arange, last]
+        new_ids, new_w = ids[arange, last_unit], weights[arange, last_unit]
+        new_length = pos[arange, last] + 1
+        new_sum = before[arange, last] + xm[arange, last]
+        if "ids" in state:
+            new_ids = torch.where(seen[:, None], new_ids, state["ids"])
+            new_w = torch.where(seen[:, None], new_w, state["weights"])
+        state.update(ids=new_ids, weights=new_w, length=torch.where(seen, new_length, length),
+                     sum=torch.where(seen[:, None], new_sum, total))
+        return out
+
 
 class MoCDecoderLayer(nn.Module):
     """Self-attention, the memory read (memory layers only) and the MLP, each with a pre-RMSNorm."""
@@ -340,11 +418,11 @@ class MoCDecoderLayer(nn.Module):
         self.post_attention_layernorm = MoCRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoCMLP(config)
 
-    def forward(self, h, rope, mask, real, cache, bank, memory_state):
+    def forward(self, h, rope, mask, real, cache, bank, memory_state, doc_start=None):
         """One decoder layer on ``h`` ``[b, s, hidden]``."""
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache)
         if self.has_memory:
-            h = h + self.memory(self.memory_layernorm(h), real, bank, memory_state)
+            h = h + self.memory(self.memory_layernorm(h), real, bank, memory_state, doc_start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -420,6 +498,39 @@ class MoCModel(MoCPreTrainedModel):
         ones = torch.ones(b, past + s, dtype=torch.bool, device=device)
         return ones[:, past:], ones
 
+    def _documents(self, input_ids, real, b, s, past, cache, device) -> dict | None:
+        """Where documents start, for ``document`` routing or ``reset_attention_mask`` (else ``None``):
+        ``{"ids": [b, past + s] document index, "starts": [b, past + s] real tokens that start a document}``,
+        kept on the generation cache across calls. A document ends with ``document_separator_id``; without
+        ``input_ids`` or a separator, each row is one document."""
+        cfg = self.config
+        if cfg.routing_unit != "document" and not cfg.reset_attention_mask:
+            return None
+        state = getattr(cache, "_moc_documents", None) if cache is not None and past > 0 else None
+        state = state or {}
+        sep = cfg.document_separator_id
+        if input_ids is None or sep is None:
+            ends = torch.zeros(b, s, dtype=torch.bool, device=device)
+        else:
+            ends = real & (input_ids == sep)
+        after_end = state.get("after_end", torch.ones(b, dtype=torch.bool, device=device))
+        idx = torch.arange(s, device=device).expand(b, s)
+        last_real = torch.where(real, idx, -1).cummax(dim=1).values  # last real token at or before each token
+        prev = torch.cat([last_real.new_full((b, 1), -1), last_real[:, :-1]], dim=1)
+        end_before = torch.where(prev >= 0, ends.gather(1, prev.clamp(min=0)), after_end[:, None])
+        starts = real & end_before
+        count = state.get("count", torch.zeros(b, dtype=torch.long, device=device))
+        ids = count[:, None] + torch.cumsum(starts.long(), dim=1)
+        past_ids = state.get("ids", ids.new_zeros(b, 0))
+        past_starts = state.get("starts", starts.new_zeros(b, 0))
+        out = {"ids": torch.cat([past_ids, ids], dim=1), "starts": torch.cat([past_starts, starts], dim=1)}
+        if cache is not None:
+            seen = real.any(dim=1)
+            last_end = ends.gather(1, last_real[:, -1:].clamp(min=0)).squeeze(1)
+            cache._moc_documents = {**out, "count": ids[:, -1],
+                                    "after_end": torch.where(seen, last_end, after_end)}
+        return out
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
         """Hidden states of ``input_ids`` (or ``inputs_embeds``) ``[b, s]``; updates the cache."""
@@ -433,18 +544,26 @@ class MoCModel(MoCPreTrainedModel):
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
         real, key_valid = self._real_tokens(input_ids, attention_mask, b, s, past, h.device)
+        cfg = self.config
+        docs = self._documents(input_ids, real, b, s, past, cache, h.device)
         if position_ids is None:
             counts = torch.cumsum(key_valid.long(), dim=1) - 1
+            if docs is not None and cfg.reset_attention_mask:  # count from each document's first real token
+                first = torch.where(docs["starts"] & key_valid, counts, -1).cummax(dim=1).values
+                counts = counts - first.clamp(min=0)
             position_ids = counts[:, past:].clamp(min=0)
-        cfg = self.config
         rope = _rope(position_ids, cfg.head_dim, cfg.rope_parameters, h.dtype)
         q_idx = torch.arange(s, device=h.device)[:, None] + past
         k_idx = torch.arange(past + s, device=h.device)[None, :]
-        mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]
+        allowed = (k_idx <= q_idx)[None] & key_valid[:, None, :]
+        if docs is not None and cfg.reset_attention_mask:
+            allowed = allowed & (docs["ids"][:, past:, None] == docs["ids"][:, None, :])
+        mask = allowed | (k_idx == q_idx)[None]
         mask = mask[:, None]  # [b, 1, s, past + s]; a query always sees itself (padding stays finite)
         states = _memory_states(cache, len(self.layers))
+        doc_start = None if docs is None else docs["starts"][:, past:]
         for layer, state in zip(self.layers, states):
-            h = layer(h, rope, mask, real, cache, self.memory_bank, state)
+            h = layer(h, rope, mask, real, cache, self.memory_bank, state, doc_start)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache})
 
 

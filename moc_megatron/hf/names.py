@@ -84,6 +84,7 @@ def hf_config_from_signature(signature: dict, args: dict) -> dict:
         tie_word_embeddings=bool(signature["tie_embeddings"]),
         qkv_bias=bool(signature.get("add_qkv_bias")),
         qk_norm=bool(signature.get("qk_layernorm")),
+        reset_attention_mask=bool(signature.get("reset_attention_mask")),
         memory_layers=sorted(memory),
     )
     if memory:
