@@ -112,8 +112,8 @@ class DocumentUnits:
             return cls(unit, piece_len, b, s, doc_of_token, doc_start, doc_start, doc_end - doc_start, slot,
                        piece_doc)
         # chunk: a unit is a piece; it starts piece_len * j tokens into its document.
-        piece_start = doc_start[piece_doc] + (torch.arange(piece_doc.numel(), device=device) - piece_offset[piece_doc]) \
-            * piece_len
+        piece_in_doc = torch.arange(piece_doc.numel(), device=device) - piece_offset[piece_doc]
+        piece_start = doc_start[piece_doc] + piece_in_doc * piece_len
         piece_length = torch.minimum(doc_end[piece_doc] - piece_start, piece_start.new_tensor(piece_len))
         return cls(unit, piece_len, b, s, piece_of_token, piece_start, doc_start[piece_doc], piece_length, slot,
                    torch.arange(piece_doc.numel(), device=device))

@@ -1,8 +1,9 @@
 """Runs one MoC memory layer under a TP x EP (x SP) layout and saves full outputs and gradients.
 
 Launched by torchrun from tests/distributed/test_memory_parallel.py. Environment: TP, EP, SP, CASES
-(comma-separated ``unit:gating[:skewed|:documents]``; ``documents``: the rows hold packed documents of ragged
-lengths, given to the layer as document ids, with chunks restarting at document starts) and OUT (written by rank 0: one result per case). The batch is
+(comma-separated ``unit:gating[:skewed|:documents]``; ``documents``: the rows hold packed documents
+of ragged lengths, given to the layer as document ids, with chunks restarting at document starts)
+and OUT (written by rank 0: one result per case). The batch is
 split over the data-parallel ranks (the expert-parallel ranks are data-parallel ranks too, as in
 megatron); the saved tensors are reassembled so that every layout must give the single-process values.
 """
