@@ -23,6 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS),
                         help="named model (moc_megatron/presets.py)")
     parser.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--moc-routing-unit", default=None, choices=["sequence", "document", "chunk", "token"],
+                        help="routing unit to count (default: the preset's)")
+    parser.add_argument("--micro-batch-size", type=int, default=1,
+                        help="sequences per micro-batch: the memory projects each chapter with traffic once per "
+                             "micro-batch, so chunk and token routing cost less per sequence in larger ones "
+                             "(default: 1)")
+    parser.add_argument("--documents-per-sequence", type=float, default=1.0,
+                        help="documents packed into one sequence, on average: the routes of document routing "
+                             "(default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
@@ -85,9 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seq_length is not None and args.seq_length < 1:
         print("--seq-length must be positive", file=sys.stderr)
         return 2
+    if args.micro_batch_size < 1 or args.documents_per_sequence < 1:
+        print("--micro-batch-size and --documents-per-sequence must be at least 1", file=sys.stderr)
+        return 2
     from moc_megatron.model.flops import estimate_preset
 
-    summary = estimate_preset(args.preset, args.seq_length).to_dict()
+    summary = estimate_preset(args.preset, args.seq_length, routing_unit=args.moc_routing_unit,
+                              micro_batch_size=args.micro_batch_size,
+                              documents=args.documents_per_sequence).to_dict()
     print(json.dumps(summary, indent=2) if args.json else format_estimate(summary))
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
+from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
 
 # Saved flags that describe the training run's layout or runtime; evaluation runs in one process.
 _SINGLE_PROCESS = dict(
@@ -50,7 +51,10 @@ class EvalModel:
         """``[b, s]`` token ids -> ``[b, s, vocab_size]`` fp32 logits."""
         if self.backend == "megatron":
             positions = torch.arange(tokens.shape[1], dtype=torch.long).unsqueeze(0).expand_as(tokens)
-            out = self.module(tokens, positions, None)
+            extra = {}
+            if needs_document_ids(self.module.config):  # documents end with the end-of-document token
+                extra["document_ids"] = document_ids_from_tokens(tokens, self.tokenizer.eod)
+            out = self.module(tokens, positions, None, **extra)
         else:
             out = self.module(input_ids=tokens).logits
         return out[..., : self.vocab_size].float()

@@ -3,8 +3,8 @@
 The chapters come from the model itself: a forward hook on every memory layer's
 :class:`~moc_megatron.memory.router.ChapterRouter` records its top-k selection (``Routing.chapters``,
 indices among the routed chapters) while the prompts run through the model, batched by exact length as
-in scoring. With ``sequence`` routing a prompt has one routing unit per memory layer; with ``chunk``
-or ``token`` routing its selection is the union over its units.
+in scoring. With ``sequence`` or ``document`` routing a prompt (one document) has one routing unit per memory
+layer; with ``chunk`` or ``token`` routing its selection is the union over its units.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ from dataclasses import dataclass
 import torch
 
 
+def needs_document_ids(config) -> bool:
+    """Whether a model of ``config`` (a ``MoCConfig``) reads where packed documents start: ``document`` routing,
+    or documents separated (``reset_attention_mask``)."""
+    memory = bool(getattr(config, "moc_memory_layers", None))
+    return bool(config.reset_attention_mask) or (memory and config.moc_routing_unit == "document")
+
+
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
     """``[b, s]`` bool: where a document starts (every row's first position, and wherever the id changes)."""
     starts = torch.ones_like(document_ids, dtype=torch.bool)

@@ -82,14 +82,27 @@ def mlp_activation_flops(tokens: int, ffn: int, activation: str, gated: bool) ->
     return tokens * ffn * per_element
 
 
-def routing_units(config: MoCConfig, seq_length: int) -> int:
-    """Routing units per sequence: 1 (sequence), one per chunk, or one per token."""
+def routing_units(config: MoCConfig, seq_length: int, documents: float = 1.0) -> float:
+    """Routing units (routes) per sequence: 1 (sequence), ``documents`` (the documents packed into a sequence,
+    ``document``), one per chunk, or one per token. With documents separated (``reset_attention_mask``) a
+    document's last chunk is partial: ``documents - 1`` chunks more than an unseparated sequence, on average."""
     unit = config.moc_routing_unit
     if unit == "sequence":
         return 1
+    if unit == "document":
+        return documents
     if unit == "chunk":
-        return -(-seq_length // config.moc_chunk_size)
+        chunks = -(-seq_length // config.moc_chunk_size)
+        return chunks + (documents - 1 if config.reset_attention_mask else 0)
     return seq_length
+
+
+def read_units(config: MoCConfig, seq_length: int, documents: float = 1.0) -> float:
+    """Units the memory read runs over per sequence: ``document`` routing reads a document in pieces of
+    ``moc_chunk_size`` tokens (about ``L / chunk + documents - 1`` of them); every other unit is read whole."""
+    if config.moc_routing_unit != "document":
+        return routing_units(config, seq_length, documents)
+    return -(-seq_length // config.moc_chunk_size) + documents - 1
 
 
 def router_loss_flops(units: int, chapters: int, top_k: int, paper_convention: bool = False) -> int:
@@ -150,31 +163,39 @@ def memory_tokens_selected(config: MoCConfig) -> int:
     return (config.moc_num_shared_chapters + config.moc_top_k) * config.moc_chapter_size
 
 
-def memory_tokens_projected(config: MoCConfig, seq_length: int) -> int:
+def memory_tokens_projected(config: MoCConfig, seq_length: int, micro_batch_size: int = 1,
+                            documents: float = 1.0) -> int:
     """Memory tokens normalised and projected to K/V per sequence.
 
-    Our memory layer projects every chapter with traffic once per micro-batch; per sequence that is the
-    shared chapters plus at most ``min(C - S, units * k)`` routed ones (exact for sequence routing, an upper
-    bound for chunk and token routing, whose units may pick the same chapters).
+    Our memory layer projects every chapter with traffic once per micro-batch of ``micro_batch_size``
+    sequences: the shared chapters plus at most ``min(C - S, b * units * k)`` routed ones (exact for sequence
+    routing at ``b = 1``, an upper bound otherwise: units may pick the same chapters), shared out over the
+    micro-batch's sequences.
     """
-    routed = min(config.moc_num_routed_chapters, routing_units(config, seq_length) * config.moc_top_k)
-    return (config.moc_num_shared_chapters + routed) * config.moc_chapter_size
+    b = max(1, micro_batch_size)
+    routed = min(config.moc_num_routed_chapters, b * routing_units(config, seq_length, documents) * config.moc_top_k)
+    return round((config.moc_num_shared_chapters + routed) * config.moc_chapter_size / b)
 
 
-def memory_layer_extra_flops(config: MoCConfig, seq_length: int, paper_convention: bool = False) -> dict[str, int]:
-    """Forward FLOPs a memory layer adds to an ordinary one: router, memory read, norm, residual."""
+def memory_layer_extra_flops(config: MoCConfig, seq_length: int, paper_convention: bool = False,
+                             micro_batch_size: int = 1, documents: float = 1.0) -> dict[str, int]:
+    """Forward FLOPs a memory layer adds to an ordinary one: router, memory read, norm, residual.
+
+    ``micro_batch_size``: sequences per micro-batch (chapters are projected once per micro-batch);
+    ``documents``: documents packed into one sequence (``document`` routing, chunks restarting per document).
+    """
     L, d = seq_length, config.hidden_size
-    n = routing_units(config, L)
+    n = routing_units(config, L, documents)
     outputs = config.moc_num_chapters if paper_convention else config.moc_num_routed_chapters
     unit = config.moc_routing_unit
-    if unit == "sequence":
-        pooling = d * (L - 1) + d
+    if unit in ("sequence", "document"):
+        pooling = d * (L - 1) + n * d
     elif unit == "chunk":
         pooling = d * (L - 1) + n * d  # prefix sums, then one division per chunk
     else:
         pooling = 0
     top_k = config.moc_top_k
-    router = (
+    router = round(
         pooling + linear_flops(n, d, outputs) + SOFTMAX_FLOPS * n * outputs
         + n * outputs * max(1, math.ceil(math.log2(max(top_k, 1))))
     )
@@ -183,9 +204,10 @@ def memory_layer_extra_flops(config: MoCConfig, seq_length: int, paper_conventio
     heads, groups, head_dim = config.moc_num_heads, config.moc_num_query_groups, config.moc_head_dim
     q_width, kv_width = heads * head_dim, groups * head_dim
     n_sel = memory_tokens_selected(config)
-    n_kv = memory_tokens_projected(config, L)
+    n_kv = memory_tokens_projected(config, L, micro_batch_size, documents)
     if config.moc_gating == "paper":
-        weighting = n * n_sel * d_bank  # each unit's selected memory tokens times their chapter weight
+        # each read unit's selected memory tokens times their chapter weight
+        weighting = round(read_units(config, L, documents) * n_sel * d_bank)
     else:
         weighting = heads * L * n_sel  # mixture: each chapter's attention probabilities times its weight
     preprocess = weighting + rmsnorm_flops(n_kv, d_bank)  # shared and routed RMSNorms
@@ -195,7 +217,7 @@ def memory_layer_extra_flops(config: MoCConfig, seq_length: int, paper_conventio
     )
     return {
         "router": router,
-        "router_losses": router_loss_flops(n, outputs, top_k, paper_convention),
+        "router_losses": round(router_loss_flops(n, outputs, top_k, paper_convention)),
         "memory_preprocess": preprocess,
         "memory_attention": attention,
         "norms": rmsnorm_flops(L, d),
@@ -247,8 +269,10 @@ class FlopCount:
         return self.forward + self.backward
 
 
-def estimate_flops(config: MoCConfig, vocab_size: int, seq_length: int, paper_convention: bool = False) -> FlopCount:
-    """FLOPs of one sequence of ``seq_length`` tokens through the model ``config`` describes."""
+def estimate_flops(config: MoCConfig, vocab_size: int, seq_length: int, paper_convention: bool = False,
+                   micro_batch_size: int = 1, documents: float = 1.0) -> FlopCount:
+    """FLOPs of one sequence of ``seq_length`` tokens through the model ``config`` describes, trained in
+    micro-batches of ``micro_batch_size`` sequences that pack ``documents`` documents each (on average)."""
     if seq_length < 1:
         raise ValueError(f"seq_length must be positive, not {seq_length}")
     components = dict.fromkeys(COMPONENTS, 0)
@@ -257,7 +281,8 @@ def estimate_flops(config: MoCConfig, vocab_size: int, seq_length: int, paper_co
     for index in range(config.num_layers):
         parts = standard_layer_flops(config, seq_length)
         if index in memory:
-            for name, value in memory_layer_extra_flops(config, seq_length, paper_convention).items():
+            extra = memory_layer_extra_flops(config, seq_length, paper_convention, micro_batch_size, documents)
+            for name, value in extra.items():
                 parts[name] = parts.get(name, 0) + value
         for name, value in parts.items():
             components[name] += value
@@ -399,15 +424,18 @@ class Estimate:
         return out
 
 
-def estimate_preset(name: str, seq_length: int | None = None) -> Estimate:
-    """Parameters (from the model on the meta device) and FLOPs per sequence of a named preset."""
+def estimate_preset(name: str, seq_length: int | None = None, routing_unit: str | None = None,
+                    micro_batch_size: int = 1, documents: float = 1.0) -> Estimate:
+    """Parameters (from the model on the meta device) and FLOPs per sequence of a named preset (optionally with
+    another routing unit, in micro-batches of ``micro_batch_size`` sequences of ``documents`` documents)."""
     preset = get_preset(name)
     length = seq_length or preset.seq_length
-    config = preset_config(preset)
+    config = preset_config(preset, **({"moc_routing_unit": routing_unit} if routing_unit else {}))
     params = count_parameters(build_meta_model(preset, length, config))
     vocab = padded_vocab_size(preset)
-    flops = estimate_flops(config, vocab, length)
-    paper = estimate_flops(config, vocab, length, paper_convention=True) if config.has_memory else None
+    flops = estimate_flops(config, vocab, length, micro_batch_size=micro_batch_size, documents=documents)
+    paper = estimate_flops(config, vocab, length, paper_convention=True, micro_batch_size=micro_batch_size,
+                           documents=documents) if config.has_memory else None
     arch: dict[str, Any] = {
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,

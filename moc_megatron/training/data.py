@@ -23,10 +23,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from moc_megatron import platform
-from moc_megatron.config import MoCConfig
 from moc_megatron.data.dataset_check import check_indexed_dataset
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
-from moc_megatron.memory.documents import document_ids_from_tokens
+from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
 from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.run_config import DataConfig, RunConfig
 
@@ -112,11 +111,6 @@ class PretrainingSampler:
 def is_dataset_built_on_rank() -> bool:
     """Only the pipeline stages that read tokens (first) or labels (last) need data."""
     return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
-
-
-def needs_document_ids(model: MoCConfig) -> bool:
-    """Whether the model reads where packed documents start (``document`` routing, or documents separated)."""
-    return model.reset_attention_mask or (model.has_memory and model.moc_routing_unit == "document")
 
 
 class WithDocumentIds(torch.utils.data.Dataset):
