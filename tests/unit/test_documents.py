@@ -154,3 +154,25 @@ def test_changing_one_document_changes_no_other(unit):
     torch.testing.assert_close(before[0, :6], after[0, :6], rtol=0, atol=tol)
     torch.testing.assert_close(before[0, 15:], after[0, 15:], rtol=0, atol=tol)
     torch.testing.assert_close(before[1], after[1], rtol=0, atol=tol)
+
+
+def test_sft_packs_give_each_conversation_its_own_route():
+    """finetune_moc.py's forward step hands the packed conversations' segment ids to the model as documents."""
+    from moc_megatron.training.finetune import sft_forward_step
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        pre_process = post_process = True
+
+        def forward(self, tokens, positions, mask, labels=None, document_ids=None):
+            seen.update(mask=mask, document_ids=document_ids)
+            return torch.zeros(tokens.shape, dtype=torch.float32)
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    batch = {"tokens": torch.arange(8).view(1, 8), "labels": torch.arange(8).view(1, 8),
+             "loss_mask": torch.ones(1, 8), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]]),
+             "segment_ids": segments}
+    sft_forward_step(iter([batch]), Recorder())
+    assert torch.equal(seen["document_ids"], segments)
+    assert torch.equal(seen["mask"], block_causal_mask(segments))
