@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import hf_helpers as H
 import pytest
 import torch
 from megatron.core.datasets import gpt_dataset
 
-import hf_helpers as H
 from moc_megatron.hf.export import ExportOptions, export_checkpoint
 from moc_megatron.hf.importer import ImportOptions, import_checkpoint
 from moc_megatron.memory import documents
 from moc_megatron.memory.documents import document_ids_from_tokens
 from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.validate_args import ArgumentsError
 from moc_megatron.training.loop import pretrain
+from moc_megatron.training.validate_args import ArgumentsError
 
 FLAGS = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--swiglu", "--normalization",
