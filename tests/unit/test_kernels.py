@@ -177,26 +177,32 @@ def _small_memory_layer(unit: str, gating: str):
     return config, module
 
 
-def _layer_forward_backward(config, module, impl: str, hidden: torch.Tensor, probe: torch.Tensor) -> list:
+def _layer_forward_backward(config, module, impl: str, hidden: torch.Tensor, probe: torch.Tensor,
+                            document_ids: torch.Tensor | None = None) -> list:
     """Output, input gradient and every parameter gradient of ``module`` with ``impl``."""
     config.moc_attention_impl = impl
     x = hidden.clone().requires_grad_(True)
     module.zero_grad(set_to_none=True)
-    out, _ = module(x)
+    out, _ = module(x, key_value_states=document_ids)
     (out * probe).sum().backward()
     return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
 
 
 @pytest.mark.usefixtures("mcore_world")
-@pytest.mark.parametrize("unit", ["sequence", "chunk", "token"])
+@pytest.mark.parametrize("unit", ["sequence", "chunk", "token", "document", "chunk-in-documents"])
 @pytest.mark.parametrize("gating", ["paper", "mixture"])
 def test_memory_layer_same_with_every_impl(unit, gating):
-    """The whole memory read (shared + routed chapters, GQA memory heads) with each impl against gather."""
-    config, module = _small_memory_layer(unit, gating)
+    """The whole memory read (shared + routed chapters, GQA memory heads) with each impl against gather; with
+    documents, ragged documents (one of a single token) read in 5-token pieces."""
+    config, module = _small_memory_layer(unit.split("-")[0], gating)
+    documents = None
+    if unit in ("document", "chunk-in-documents"):
+        config.reset_attention_mask = True
+        documents = torch.tensor([[0] * 3 + [1] + [2] * 8, [0] * 12])
     hidden = torch.randn(12, 2, 32)
     probe = torch.randn(12, 2, 32)
     impls = ["gather", "blocked"] + (["triton"] if INTERPRETED else [])
-    results = {impl: _layer_forward_backward(config, module, impl, hidden, probe) for impl in impls}
+    results = {impl: _layer_forward_backward(config, module, impl, hidden, probe, documents) for impl in impls}
     for impl in impls[1:]:
         for got, want in zip(results[impl], results["gather"]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
