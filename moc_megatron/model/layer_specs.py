@@ -77,6 +77,14 @@ def te_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
+def with_masked_core_attention(spec: ModuleSpec) -> ModuleSpec:
+    """``spec`` whose self-attention computes with :class:`SDPACoreAttention`, which takes the block-causal mask
+    of separated documents (``--reset-attention-mask``); the linears stay the spec's (Transformer Engine's)."""
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
 def local_memory_submodules() -> MoCMemorySubmodules:
     """The memory read from megatron-core's tensor-parallel linears and torch's RMSNorm."""
     return MoCMemorySubmodules(linear_q=ColumnParallelLinear, linear_k=ColumnParallelLinear,
@@ -115,6 +123,8 @@ def block_spec(config: MoCConfig, use_te: bool | None = None, vp_stage: int | No
     if use_te is None:
         use_te = transformer_engine_available()
     base = te_layer_spec(config.qk_layernorm) if use_te else local_layer_spec(config.qk_layernorm)
+    if use_te and config.reset_attention_mask:
+        base = with_masked_core_attention(base)
     memory = memory_layer_spec(base, use_te)
     if num_layers_on_stage is None:
         from megatron.core.transformer.transformer_block import get_num_layers_to_build

@@ -81,3 +81,15 @@ def test_te_spec_names_transformer_engine_modules():
     assert sub.linear_q is sub.linear_k is sub.linear_v is TEColumnParallelLinear
     assert sub.linear_o is TERowParallelLinear
     assert sub.shared_norm is sub.routed_norm is TEMemoryRMSNorm
+
+
+def test_separated_documents_use_the_masked_core_attention_with_any_linears():
+    from moc_megatron.model.core_attention import SDPACoreAttention
+    from moc_megatron.model.layer_specs import local_layer_spec, with_masked_core_attention
+
+    spec = local_layer_spec()
+    spec.submodules.self_attention.submodules.core_attention = object  # as a spec whose attention ignores masks
+    masked = with_masked_core_attention(spec)
+    assert masked.submodules.self_attention.submodules.core_attention is SDPACoreAttention
+    assert masked.submodules.self_attention.submodules.linear_qkv is ColumnParallelLinear
+    assert spec.submodules.self_attention.submodules.core_attention is object  # the original is untouched
