@@ -18,7 +18,7 @@ Steps (each skipped when its outputs exist, so an interrupted run resumes):
    attribute's values, validation loss) and record the MoC model's chapter choices for the probes.
 5. repeat for every seed; write summary.json (and, with --report, the plots and a table).
 
-    python examples/knowledge_retention.py                      # CPU default, seeds 1 2, runs/knowledge
+    python examples/knowledge_retention.py                      # CPU default, seeds 1 2 3, runs/knowledge
     python examples/knowledge_retention.py --scale gpu          # larger version for a GPU
     python examples/knowledge_retention.py --report docs/knowledge   # + plots/summary into docs/knowledge
 """
@@ -64,7 +64,11 @@ class Scale:
     num_chapters: int = 257
     chapter_size: int = 16
     top_k: int = 4
-    routing_unit: str = "sequence"
+    routing_unit: str = "document"
+    chunk_size: int = 16
+    """``--moc-chunk-size``: chunk routing's chunks, document routing's read pieces."""
+    reset_attention_mask: bool = True
+    """Documents separated (``--reset-attention-mask --reset-position-ids``) for every model."""
     lr: float = 3e-3
     memory_lr: float = 6e-3
     bank_lr: float = 6e-3
@@ -208,14 +212,16 @@ def model_fields(scale: Scale, model: str, dense_layers: int | None = None, dens
     if model == "moc":
         fields.update(moc_memory_layers=list(scale.memory_layers), moc_num_chapters=scale.num_chapters,
                       moc_chapter_size=scale.chapter_size, moc_num_shared_chapters=1, moc_top_k=scale.top_k,
-                      moc_num_heads=scale.num_heads, moc_routing_unit=scale.routing_unit)
+                      moc_num_heads=scale.num_heads, moc_routing_unit=scale.routing_unit,
+                      moc_chunk_size=scale.chunk_size)
     elif model == "dense_iso":
         fields.update(num_layers=dense_layers, ffn_hidden_size=dense_ffn)
     return fields
 
 
-def flops_per_sequence(fields: dict, scale: Scale) -> int:
-    """Forward+backward FLOPs of one sequence (the paper's accounting, moc_megatron/model/flops.py)."""
+def flops_per_sequence(fields: dict, scale: Scale, documents: float = 1.0) -> int:
+    """Forward+backward FLOPs of one sequence (the paper's accounting, moc_megatron/model/flops.py), counting what
+    the model computes: chapters projected once per micro-batch, one route per document of ``documents``."""
     import torch.nn.functional as F
 
     from moc_megatron.config import MoCConfig
@@ -224,13 +230,27 @@ def flops_per_sequence(fields: dict, scale: Scale) -> int:
 
     config = MoCConfig(**fields, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
                        normalization="RMSNorm", add_bias_linear=False, use_cpu_initialization=True,
-                       perform_initialization=False, gradient_accumulation_fusion=False)
-    return estimate_flops(config, pad_vocab_size(scale.vocab_size), scale.seq_length).forward_backward
+                       perform_initialization=False, gradient_accumulation_fusion=False,
+                       reset_attention_mask=scale.reset_attention_mask)
+    return estimate_flops(config, pad_vocab_size(scale.vocab_size), scale.seq_length,
+                          micro_batch_size=scale.micro_batch, documents=documents).forward_backward
 
 
-def iso_flop_dense(scale: Scale) -> dict:
+def documents_per_sequence(paths: Paths, scale: Scale) -> float:
+    """Documents in one packed window, on average: one, plus the document starts in ``seq_length`` tokens of the
+    blend (each source contributes its share of tokens divided by its mean document length)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    starts = 0.0
+    for weight, name in zip(scale.mix, ("bios", "qa", "generic")):
+        lengths = IndexedDataset(paths.data(name + "_text_document")).sequence_lengths
+        starts += weight / (sum(int(n) for n in lengths) / len(lengths))
+    return 1.0 + scale.seq_length * starts / sum(scale.mix)
+
+
+def iso_flop_dense(scale: Scale, documents: float = 1.0) -> dict:
     """The dense model of (nearly) the MoC model's FLOPs: more layers first, then the FFN width."""
-    target = flops_per_sequence(model_fields(scale, "moc"), scale)
+    target = flops_per_sequence(model_fields(scale, "moc"), scale, documents)
     best = None
     for layers in range(scale.num_layers, 3 * scale.num_layers + 1):
         for ffn in range(max(32, scale.ffn_hidden_size // 2), 3 * scale.ffn_hidden_size + 1, 32):
@@ -240,7 +260,8 @@ def iso_flop_dense(scale: Scale) -> dict:
                 best = (key, layers, ffn, flops)
     _, layers, ffn, flops = best
     return dict(num_layers=layers, ffn_hidden_size=ffn, flops=flops, moc_flops=target, ratio=flops / target,
-                backbone_flops=flops_per_sequence(model_fields(scale, "backbone"), scale))
+                backbone_flops=flops_per_sequence(model_fields(scale, "backbone"), scale),
+                documents_per_sequence=documents)
 
 
 def model_flags(fields: dict) -> list[str]:
@@ -271,7 +292,8 @@ def pretrain_cmd(paths: Paths, scale: Scale, spec: RunSpec, run: str) -> list[st
     interval = max(1, scale.train_iters // 4)
     memory = ["--moc-memory-lr", str(scale.memory_lr), "--moc-bank-lr", str(scale.bank_lr)] \
         if spec.model == "moc" else []
-    return [sys.executable, "pretrain_moc.py", *model_flags(spec.fields), *memory, *spec.extra,
+    separated = ["--reset-attention-mask", "--reset-position-ids"] if scale.reset_attention_mask else []
+    return [sys.executable, "pretrain_moc.py", *model_flags(spec.fields), *memory, *separated, *spec.extra,
             "--seq-length", str(scale.seq_length), "--max-position-embeddings", str(scale.seq_length),
             "--data-path", str(w[0]), paths.data("bios_text_document"), str(w[1]), paths.data("qa_text_document"),
             str(w[2]), paths.data("generic_text_document"), "--split", "98,2,0",
@@ -291,7 +313,8 @@ def finetune_cmd(paths: Paths, scale: Scale, spec: RunSpec, run: str) -> list[st
     if spec.model == "moc":
         memory = ["--moc-memory-lr", str(scale.ft_memory_lr)]
         memory += ["--moc-freeze-bank"] if scale.ft_freeze_bank else ["--moc-bank-lr", str(scale.ft_bank_lr)]
-    return [sys.executable, "finetune_moc.py", *model_flags(spec.fields), *memory, *spec.extra,
+    separated = ["--reset-attention-mask"] if scale.reset_attention_mask else []
+    return [sys.executable, "finetune_moc.py", *model_flags(spec.fields), *memory, *separated, *spec.extra,
             "--seq-length", str(scale.seq_length), "--max-position-embeddings", str(scale.seq_length),
             "--pretrained-checkpoint", os.path.join(run, "pretrain"), "--sft-data-path", paths.data("chat"),
             "--split", "98,2,0", "--tokenizer-type", "SentencePieceTokenizer",
@@ -404,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                    help="cpu: the default (58 min wall-clock measured on the shared 2-core CPU machine, see "
                         "docs/knowledge.md); gpu: a larger version for one GPU (not run yet)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -451,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(paths.out, exist_ok=True)
     start = time.time()
     build_data(paths, scale, args.threads)
-    dense = iso_flop_dense(scale)
+    dense = iso_flop_dense(scale, documents_per_sequence(paths, scale))
     log(f"iso-FLOP dense: {dense['num_layers']} layers, ffn {dense['ffn_hidden_size']} "
         f"({dense['flops']:.3e} vs MoC {dense['moc_flops']:.3e} FLOPs/sequence, ratio {dense['ratio']:.3f}; "
         f"backbone {dense['backbone_flops']:.3e})")
