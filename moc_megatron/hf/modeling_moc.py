@@ -188,7 +188,10 @@ class MoCMemoryAttention(nn.Module):
 
     # --- routing -------------------------------------------------------------------------------
     def _route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chapters ``[n, S + k]`` (global ids, shared first) and their weights for ``[n, hidden]`` features."""
+        """Chapters ``[n, S + k]`` (global ids, shared first) and their weights for ``[n, hidden]`` features.
+
+        Mirrors ``moc_megatron.memory.router.ChapterRouter.forward`` and ``chapter_weights`` (checked by
+        ``tests/unit/test_hf_components.py``)."""
         cfg = self.config
         dtype = torch.promote_types(features.dtype, torch.float32)
         logits = F.linear(features.to(dtype), self.router.weight.to(dtype), self.router.bias.to(dtype))
@@ -228,7 +231,10 @@ class MoCMemoryAttention(nn.Module):
 
     def _read(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:
-        """Units' queries ``[n, u, h, e]`` over their chapters ``index`` ``[n, kk]`` with ``weights``."""
+        """Units' queries ``[n, u, h, e]`` over their chapters ``index`` ``[n, kk]`` with ``weights``.
+
+        Mirrors ``moc_megatron.memory.chapter_attention.chapter_attention(impl="gather", need_lse=False)``
+        (checked by ``tests/unit/test_hf_components.py``)."""
         n, u, h, e = query.shape
         kk, t, g = index.shape[1], keys.shape[1], keys.shape[2]
         k_sel = keys.index_select(0, index.flatten()).view(n, kk, t, g, e)
@@ -278,7 +284,7 @@ class MoCMemoryAttention(nn.Module):
 
     def _chunk_read(self, x, query, real, bank, state, store) -> torch.Tensor:
         """Chunk routing: chunk ``j`` (positions ``[j*c, (j+1)*c)`` of real tokens) routes on the mean of
-        the real tokens before it. ``state`` carries the running sum, the length and the current chunk's
+        the real tokens before it (mirrors ``moc_megatron.memory.units.RoutingUnits.pool``). ``state`` carries the running sum, the length and the current chunk's
         choice across calls, so decoding token by token routes exactly as one full forward."""
         b, s, hid = x.shape
         cs = self.config.chunk_size
