@@ -284,8 +284,9 @@ class MoCMemoryAttention(nn.Module):
 
     def _chunk_read(self, x, query, real, bank, state, store) -> torch.Tensor:
         """Chunk routing: chunk ``j`` (positions ``[j*c, (j+1)*c)`` of real tokens) routes on the mean of
-        the real tokens before it (mirrors ``moc_megatron.memory.units.RoutingUnits.pool``). ``state`` carries the running sum, the length and the current chunk's
-        choice across calls, so decoding token by token routes exactly as one full forward."""
+        the real tokens before it (mirrors ``moc_megatron.memory.units.RoutingUnits.pool``). ``state``
+        carries the running sum, the length and the current chunk's choice across calls, so decoding token by
+        token routes exactly as one full forward."""
         b, s, hid = x.shape
         cs = self.config.chunk_size
         acc = torch.promote_types(x.dtype, torch.float32)
