@@ -243,8 +243,10 @@ def documents_per_sequence(paths: Paths, scale: Scale) -> float:
 
     starts = 0.0
     for weight, name in zip(scale.mix, ("bios", "qa", "generic")):
-        lengths = IndexedDataset(paths.data(name + "_text_document")).sequence_lengths
-        starts += weight / (sum(int(n) for n in lengths) / len(lengths))
+        dataset = IndexedDataset(paths.data(name + "_text_document"))  # holds the memory map the lengths live in
+        lengths = dataset.sequence_lengths
+        starts += weight / (float(lengths.sum()) / len(lengths))
+        del lengths, dataset
     return 1.0 + scale.seq_length * starts / sum(scale.mix)
 
 

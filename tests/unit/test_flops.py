@@ -194,6 +194,26 @@ def test_causal_routing_units_bound_projected_memory():
     assert flops.memory_tokens_projected(chunk, L) == (1 + 4 * 64) * 64
 
 
+def test_chapters_are_counted_once_per_micro_batch_and_documents_route_once_each():
+    token = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="token")
+    L, c, t = 128, token.moc_num_chapters, token.moc_chapter_size
+    # One sequence of 128 tokens at top-k may touch every chapter; 16 sequences share one projection.
+    assert flops.memory_tokens_projected(token, L, micro_batch_size=1) == c * t
+    assert flops.memory_tokens_projected(token, L, micro_batch_size=16) == round(c * t / 16)
+    one, many = (flops.estimate_flops(token, 2048, L, micro_batch_size=b).forward for b in (1, 16))
+    assert many < one
+    sequence = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="sequence")
+    document = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="document", moc_chunk_size=L)
+    # One document per sequence, read in one piece, is sequence routing; three documents route three times.
+    assert flops.estimate_flops(document, 2048, L).forward == flops.estimate_flops(sequence, 2048, L).forward
+    assert flops.routing_units(document, L, documents=3) == 3
+    assert flops.estimate_flops(document, 2048, L, documents=3).forward > flops.estimate_flops(document, 2048, L).forward
+    chunk = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16)
+    separated = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16,
+                                    reset_attention_mask=True)
+    assert flops.routing_units(chunk, L, documents=3) == 8 and flops.routing_units(separated, L, documents=3) == 10
+
+
 def test_tool_json_and_text(run_tool, capsys):
     assert run_tool("estimate_flops", "--preset", "moc-tiny", "--seq-length", "128", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
