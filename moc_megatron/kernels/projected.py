@@ -69,18 +69,6 @@ class _Plan:
     params: list[torch.Tensor]
 
 
-def use_projected_read(impl: str, num_chapters: int, chapter_size: int, bank_dim: int, one_block: bool) -> bool:
-    """Whether a read with ``impl`` (already resolved) projects its chapters block by block.
-
-    Only ``blocked`` does, and only when the chapters with traffic pass one projection block and the read is not
-    one bounded block anyway (``one_block``: every unit's selected K/V copied once fit the blocked path's
-    one-block budget, as for sequence routing's few long units; their K/V projected at once are no larger).
-    ``gather`` and ``triton`` always project every chapter with traffic at once.
-    """
-    return (impl == "blocked" and not one_block
-            and num_chapters * chapter_size * bank_dim > PROJECTION_BLOCK_ELEMENTS)
-
-
 def _blocks(sources: Sequence[ChapterSource], budget: int):
     """``(source, ids, first, last)``: blocks of chapters of one source, ``first:last`` in ``selected``'s numbering."""
     offset = 0

@@ -6,38 +6,9 @@ Pure tensor math: no process groups. Shapes use ``n`` routing units of ``u`` que
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-IMPLEMENTATIONS = ("auto", "triton", "blocked", "gather")
-"""Values of ``impl`` (and of ``--moc-attention-impl``)."""
-
-
-def resolve_impl(impl: str, query: torch.Tensor) -> str:
-    """The implementation ``impl`` stands for on ``query``'s device: ``auto`` is Triton on a GPU, blocked on a CPU.
-
-    ``auto`` falls back to ``blocked`` on a GPU when Triton does not import or the dtype is not
-    fp32/fp16/bf16 (the kernel's inputs); an explicit ``triton`` raises instead.
-    """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"chapter attention impl must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
-    if impl == "triton":
-        from moc_megatron.kernels import triton_available
-
-        if not triton_available():
-            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs Triton installed")
-        if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError("chapter attention impl 'triton' (--moc-attention-impl) needs a CUDA GPU "
-                               "(or TRITON_INTERPRET=1, for tests); use auto or blocked on a CPU")
-    if impl != "auto":
-        return impl
-    if query.is_cuda and query.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        from moc_megatron.kernels import triton_available
-
-        if triton_available():
-            return "triton"
-    return "blocked"
+from moc_megatron.kernels.choice import resolve_impl
 
 
 def chapter_attention(
@@ -78,11 +49,6 @@ def chapter_attention(
     if gating not in ("paper", "mixture"):
         raise ValueError(f"unknown gating {gating!r}")
     impl = resolve_impl(impl, query)
-    if impl == "blocked" and not need_lse and gating == "paper" and fits_one_block(
-            keys.shape[2], keys.shape[3], keys.shape[1], selected):
-        # The whole read is one bounded block (sequence routing: a few long units): one fused
-        # scaled_dot_product_attention over it, which is itself a blocked online softmax.
-        impl = "gather"
     if impl != "gather":
         if impl == "blocked":
             from moc_megatron.kernels.blocked import blocked_chapter_attention as fused
@@ -91,17 +57,6 @@ def chapter_attention(
         out, lse = fused(query, keys, values, selected, weights, gating, softmax_scale)
         return out, (lse if need_lse else None)
     return _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse)
-
-
-def fits_one_block(num_groups: int, head_dim: int, chapter_size: int,
-                   selected: torch.Tensor) -> bool:
-    """Whether every unit's selected keys and values, copied once, stay within the blocked path's copy budget
-    (``ONE_BLOCK_COPY_ELEMENTS``) and every slot is valid: the blocked path then reads them as one fused SDPA."""
-    from moc_megatron.kernels.blocked import ONE_BLOCK_COPY_ELEMENTS
-
-    n, k = selected.shape
-    copy = 2 * n * k * chapter_size * num_groups * head_dim
-    return copy <= ONE_BLOCK_COPY_ELEMENTS and bool((selected >= 0).all())
 
 
 def _gather_attention(query, keys, values, selected, weights, gating, softmax_scale, need_lse):

@@ -20,10 +20,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from moc_megatron.config import MoCConfig
-from moc_megatron.kernels.projected import ChapterSource, projected_chapter_attention, use_projected_read
+from moc_megatron.kernels.choice import choose_read
+from moc_megatron.kernels.projected import ChapterSource, projected_chapter_attention
 from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
-from moc_megatron.memory.chapter_attention import chapter_attention, fits_one_block, resolve_impl
+from moc_megatron.memory.chapter_attention import chapter_attention
 from moc_megatron.memory.dispatcher import CommBytes, all_to_all_bytes, make_dispatcher
 from moc_megatron.memory.documents import DocumentUnits
 from moc_megatron.memory.router import ChapterRouter, chapter_weights
@@ -211,20 +212,27 @@ class MoCMemoryAttention(MegatronModule):
         # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied after the
         # cat: megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
         weights = copy_to_tensor_model_parallel_region(weights)
-        one_block = self.config.moc_gating == "paper" and fits_one_block(self.num_groups, self.head_dim,
-                                                                         self.config.moc_chapter_size, selected)
-        if self._projected(query, num_shared + used.numel(), one_block):
-            out, _ = projected_chapter_attention(query, weights, selected, self._sources(used, num_shared > 0),
-                                                 self._project, self._projection_params(), self.config.moc_gating,
-                                                 self.softmax_scale, need_lse=False)
-            return out
+        out, _ = self._read(query, selected, weights, used, shared=num_shared > 0, need_lse=False)
+        return out
+
+    def _read(self, query: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
+              shared: bool, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``query``'s read of the chapters ``selected`` indexes: the shared ones (if ``shared``), then the routed
+        chapters ``used``; the implementation is :func:`moc_megatron.kernels.choice.choose_read`'s."""
+        cfg = self.config
+        num_chapters = (cfg.moc_num_shared_chapters if shared else 0) + used.numel()
+        choice = choose_read(cfg.moc_attention_impl, query, selected, cfg.moc_gating, need_lse, num_chapters,
+                             cfg.moc_chapter_size, cfg.moc_bank_dim, self.num_groups, self.head_dim)
+        if choice.projected:
+            return projected_chapter_attention(query, weights, selected, self._sources(used, shared), self._project,
+                                               self._projection_params(), cfg.moc_gating, self.softmax_scale,
+                                               need_lse=need_lse)
         tokens = self.routed_norm(self.bank.routed_rows(used))
-        if num_shared:
+        if shared:
             tokens = torch.cat([self.shared_norm(self.bank.shared), tokens])
         keys, values = self._project(tokens)
-        out, _ = chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
-                                   self.softmax_scale, need_lse=False, impl=self.config.moc_attention_impl)
-        return out
+        return chapter_attention(query, keys, values, selected, weights, cfg.moc_gating, self.softmax_scale,
+                                 need_lse=need_lse, impl=choice.impl)
 
     def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[c, T, g, e]`` of memory tokens ``[c, T, d]``."""
@@ -240,13 +248,6 @@ class MoCMemoryAttention(MegatronModule):
         lookup = torch.full((self.bank.num_local_routed,), -1, dtype=torch.long, device=used.device)
         lookup[used] = torch.arange(used.numel(), device=used.device)
         return used, torch.where(valid, lookup[local_chapters.clamp(min=0)], -1)
-
-    def _projected(self, query: torch.Tensor, num_chapters: int, one_block: bool = False) -> bool:
-        """Whether the read of ``num_chapters`` chapters projects them block by block (blocked path, many chapters;
-        ``one_block``: the whole read is one bounded block, see :func:`use_projected_read`)."""
-        impl = resolve_impl(self.config.moc_attention_impl, query)
-        return use_projected_read(impl, num_chapters, self.config.moc_chapter_size, self.config.moc_bank_dim,
-                                  one_block)
 
     def _sources(self, used: torch.Tensor, shared: bool) -> list[ChapterSource]:
         """The chapters a unit's ``selected`` indexes: the shared ones (if ``shared``), then the routed ``used``."""
@@ -265,20 +266,13 @@ class MoCMemoryAttention(MegatronModule):
     def _routed_partial(self, query: torch.Tensor, local_chapters: torch.Tensor, weights: torch.Tensor):
         """``(out, lse)`` of ``query``'s read of its local routed chapters (``-1``: elsewhere), for the merge."""
         used, selected = self._chapters_with_traffic(local_chapters)
-        if self._projected(query, used.numel()):
-            return projected_chapter_attention(query, weights, selected, self._sources(used, False), self._project,
-                                               self._projection_params(), self.config.moc_gating,
-                                               self.softmax_scale)
-        keys, values = self._project(self.routed_norm(self.bank.routed_rows(used)))
-        return chapter_attention(query, keys, values, selected, weights, self.config.moc_gating,
-                                 self.softmax_scale, impl=self.config.moc_attention_impl)
+        return self._read(query, selected, weights, used, shared=False, need_lse=True)
 
     def _shared_partial(self, query: torch.Tensor, shared_w: torch.Tensor):
         """Attention over the shared chapters, computed locally for every unit."""
         num_shared = self.config.moc_num_shared_chapters
         if num_shared == 0:
             return None
-        keys, values = self._project(self.shared_norm(self.bank.shared))
         selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
-        return chapter_attention(query, keys, values, selected, shared_w, self.config.moc_gating,
-                                 self.softmax_scale, impl=self.config.moc_attention_impl)
+        no_routed = torch.zeros(0, dtype=torch.long, device=query.device)
+        return self._read(query, selected, shared_w, no_routed, shared=True, need_lse=True)

@@ -71,7 +71,7 @@ def test_blocked_matches_gather_on_cuda(gating):
 
 
 def test_auto_picks_triton_on_cuda():
-    from moc_megatron.memory.chapter_attention import resolve_impl
+    from moc_megatron.kernels.choice import resolve_impl
 
     assert resolve_impl("auto", torch.zeros(1, device="cuda", dtype=torch.bfloat16)) == "triton"
     assert resolve_impl("auto", torch.zeros(1, device="cuda", dtype=torch.float64)) == "blocked"

@@ -17,7 +17,8 @@ from chapter_cases import Case, assert_same, forward_backward, make_inputs
 
 from moc_megatron.kernels import triton_available
 from moc_megatron.kernels.blocked import block_sizes, blocked_chapter_attention
-from moc_megatron.memory.chapter_attention import chapter_attention, merge_partials, resolve_impl
+from moc_megatron.kernels.choice import resolve_impl
+from moc_megatron.memory.chapter_attention import chapter_attention, merge_partials
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (set by conftest)")
