@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_ours() -> None:
         zero_grads(ours, hidden_sbh)
         ours_step(ours, hidden_sbh, probe_sbh)
-        pop_chapter_load()
+        pop_chapter_load(ours)
         clear_aux_losses_tracker()
 
     def run_paper() -> None:

@@ -87,7 +87,7 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor
         loss = model(tokens, position_ids, None, labels=labels).mean()
         loss.backward()
         optimizer.step()
-        pop_chapter_load()
+        pop_chapter_load(model)
         clear_aux_losses_tracker()
         return loss.item()
 

@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -228,10 +229,12 @@ def flops_per_sequence(fields: dict, scale: Scale, documents: float = 1.0) -> in
     from moc_megatron.model.builder import pad_vocab_size
     from moc_megatron.model.flops import estimate_flops
 
-    config = MoCConfig(**fields, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
-                       normalization="RMSNorm", add_bias_linear=False, use_cpu_initialization=True,
-                       perform_initialization=False, gradient_accumulation_fusion=False,
-                       reset_attention_mask=scale.reset_attention_mask)
+    with warnings.catch_warnings():  # megatron's notice about CUDA-graph scopes: no graph is captured here
+        warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+        config = MoCConfig(**fields, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
+                           normalization="RMSNorm", add_bias_linear=False, use_cpu_initialization=True,
+                           perform_initialization=False, gradient_accumulation_fusion=False,
+                           reset_attention_mask=scale.reset_attention_mask)
     return estimate_flops(config, pad_vocab_size(scale.vocab_size), scale.seq_length,
                           micro_batch_size=scale.micro_batch, documents=documents).forward_backward
 

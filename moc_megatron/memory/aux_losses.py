@@ -5,6 +5,8 @@ The chapter-load counts themselves live on each router (:meth:`ChapterRouter.com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
@@ -13,7 +15,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from moc_megatron.config import MoCConfig
-from moc_megatron.memory.router import Routing, live_router_loads
+from moc_megatron.memory.router import Routing, router_loads
 from moc_megatron.platform.megatron_versions import record_aux_loss
 
 LOAD_BALANCE_NAME = "moc_load_balancing_loss"
@@ -56,9 +58,9 @@ def set_aux_loss_scale(scale: torch.Tensor) -> None:
         current.copy_(scale)
 
 
-def pop_chapter_load() -> dict[int, torch.Tensor]:
-    """Return and reset the per-layer chapter selection counts of every live router (tests and benches)."""
-    return live_router_loads(reset=True)
+def pop_chapter_load(model: torch.nn.Module | Sequence[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """Return and reset the per-layer chapter selection counts of ``model``'s routers (tests and benches)."""
+    return router_loads(model, reset=True)
 
 
 def chapter_load_statistics(counts: torch.Tensor) -> dict[str, float]:

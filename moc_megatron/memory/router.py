@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +46,11 @@ class ChapterRouter(nn.Module):
         super().__init__()
         self.config = config
         self.layer_number = layer_number
-        """1-based number of the layer this router belongs to (the key of :func:`live_router_loads`)."""
+        """1-based number of the layer this router belongs to (the key of :func:`router_loads`)."""
         num_routed = config.moc_num_routed_chapters
         device = None if config.use_cpu_initialization else get_device()
         self.register_buffer("chapter_load", torch.zeros(num_routed, dtype=torch.long, device=device),
                              persistent=False)
-        _LIVE_ROUTERS.add(self)
         self.weight = nn.Parameter(
             torch.empty(num_routed, config.hidden_size, dtype=config.params_dtype, device=device)
         )
@@ -84,17 +83,12 @@ class ChapterRouter(nn.Module):
         self.chapter_load.zero_()
 
 
-_LIVE_ROUTERS: weakref.WeakSet[ChapterRouter] = weakref.WeakSet()
-
-
-def live_router_loads(reset: bool = True) -> dict[int, torch.Tensor]:
-    """Chapter loads of every router alive in this process, summed per layer number (tests and benches).
-
-    Training logs through the model's memory layers instead (``moc_megatron.training.logging``), which
-    sees only that model's routers.
-    """
+def router_loads(model: nn.Module | Sequence[nn.Module], reset: bool = True) -> dict[int, torch.Tensor]:
+    """Chapter loads of the routers in ``model`` (a module or model chunks), summed per layer number; optionally
+    reset them. Routers without a layer number or without selections are left out."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
     loads: dict[int, torch.Tensor] = {}
-    for router in list(_LIVE_ROUTERS):
+    for router in (m for chunk in chunks for m in chunk.modules() if isinstance(m, ChapterRouter)):
         counts = router.compute_metrics(reset=reset)
         if router.layer_number is None or not counts.any():
             continue

@@ -58,17 +58,11 @@ def memory_layers(model: Sequence[torch.nn.Module]) -> list[MoCMemoryAttention]:
 
 
 def reset_memory_statistics(model: Sequence[torch.nn.Module] | None = None) -> None:
-    """Forget router losses, chapter loads and all-to-all bytes recorded so far.
-
-    With ``model`` (the local model chunks) its memory layers' statistics; without, every router alive in
-    this process.
-    """
-    if model is None:
-        pop_chapter_load()
-    else:
-        for layer in memory_layers(model):
-            layer.router.reset_metrics()
-            layer.reset_comm_metrics()
+    """Forget router losses (megatron's process-wide aux-loss tracker) and, with ``model`` (the local model
+    chunks), its memory layers' chapter loads and all-to-all bytes recorded so far."""
+    for layer in memory_layers(model or []):
+        layer.router.reset_metrics()
+        layer.reset_comm_metrics()
     forget_aux_losses((LOAD_BALANCE_NAME, Z_LOSS_NAME))
 
 
@@ -94,22 +88,17 @@ def reduce_memory_aux_losses(config: MoCConfig, num_microbatches: int) -> dict[s
     return out
 
 
-def reduce_chapter_load(config: MoCConfig, model: Sequence[torch.nn.Module] | None = None
-                        ) -> dict[int, torch.Tensor]:
+def reduce_chapter_load(config: MoCConfig, model: Sequence[torch.nn.Module]) -> dict[int, torch.Tensor]:
     """Chapter selection counts per memory layer (0-based layer index) since the last call, all ranks.
 
-    Gathered from the routers of ``model``'s memory layers (every live router without ``model``) and reset.
+    Gathered from the routers of ``model``'s memory layers and reset.
     """
     if not config.has_memory:
         return {}
     layers = sorted(config.moc_memory_layers)
     counts = torch.zeros(len(layers), config.moc_num_routed_chapters, dtype=torch.float64,
                          device=platform.get_device())
-    if model is None:
-        local = pop_chapter_load().items()
-    else:
-        local = [(m.layer_number, m.router.compute_metrics(reset=True)) for m in memory_layers(model)]
-    for layer_number, loads in local:
+    for layer_number, loads in pop_chapter_load(model).items():
         counts[layers.index(layer_number - 1)] += loads.to(counts.device)
     _sum_over_pp_and_dp(counts)
     return {layer: counts[i].cpu() for i, layer in enumerate(layers)}

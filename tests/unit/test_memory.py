@@ -214,7 +214,7 @@ def test_aux_losses_values_and_gradients():
     with torch.no_grad():
         module.linear_o.weight.zero_()  # no LM gradient: whatever reaches the router is the aux losses'
     clear_aux_losses_tracker()
-    pop_chapter_load()
+    pop_chapter_load(module)
     set_aux_loss_scale(torch.ones(1))  # a training run earlier in this process may have left another scale
     hidden = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64)
     out, _ = module(hidden)
@@ -233,7 +233,7 @@ def test_aux_losses_values_and_gradients():
     torch.testing.assert_close(tracker["moc_z_loss"]["values"][0].double(), want_z.detach())
     want_grad = torch.autograd.grad(0.01 * want_lb + 0.001 * want_z, module.router.weight)[0]
     torch.testing.assert_close(module.router.weight.grad, want_grad)
-    loads = pop_chapter_load()
+    loads = pop_chapter_load(module)
     assert loads[1].sum() == chosen.numel()
 
 
