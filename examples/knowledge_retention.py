@@ -337,7 +337,7 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
     from moc_megatron.eval.evaluate import EvalSettings, evaluate_model
     from moc_megatron.eval.models import load_megatron
     from moc_megatron.eval.probes import load_probes
-    from moc_megatron.eval.routing import memory_routers, person_concentration, prompt_routes
+    from moc_megatron.eval.routing import memory_routers
 
     settings = EvalSettings(probes=paths.data("probes.jsonl"), candidates=paths.data("all_probes.jsonl"),
                             max_candidates=scale.max_candidates, valid_data=paths.data("generic_valid_text_document"),
@@ -345,6 +345,7 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
     bio_settings = replace(settings, probes=paths.data("bio_probes.jsonl"),
                            candidates=paths.data("all_bio_probes.jsonl"), valid_data=None)
     probes = load_probes(paths.data("probes.jsonl"))
+    bios = probe_people_bios(paths, probes)
     results = []
     tokens_per_iter = scale.global_batch * scale.seq_length
     for stage in ("pretrain", "finetune"):
@@ -365,17 +366,50 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
                 entry["outcomes"] = [dict(attribute=o.attribute, person=o.person, exact=o.exact, rank=o.rank)
                                      for o in report.outcomes]
             if final and memory_routers(model.module):
-                routes = prompt_routes(model, [p.prompt for p in probes])
-                num_routed = model.module.config.moc_num_routed_chapters
-                entry["routing"] = {str(layer): dict(person_concentration([p.person for p in probes], r, num_routed),
-                                                     routes=r)
-                                    for layer, r in routes.items()}
+                entry.update(where_facts_go(model, probes, bios))
+                log(f"  {os.path.basename(run)} {stage}: " + "; ".join(
+                    f"layer {layer}: distinct {r['distinct']:.1f} (shuffled {r['distinct_shuffled']:.1f}), "
+                    f"bio overlap {r['bio_overlap']['overlap']:.2f} (others {r['bio_overlap']['overlap_other']:.2f}), "
+                    f"memory/residual {entry['memory_contribution'][layer]:.3f}"
+                    for layer, r in entry["routing"].items()))
             results.append(entry)
             log(f"  {os.path.basename(run)} {stage} iter {it}: mc {report.overall.mc_accuracy:.3f} "
                 f"exact {report.overall.exact_match:.3f} valid {report.validation_loss:.3f} | corpus-worded probes: "
                 f"mc {bio.overall.mc_accuracy:.3f} exact {bio.overall.exact_match:.3f}")
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump(results, f)
+
+
+def probe_people_bios(paths: Paths, probes) -> list[tuple[str, str]]:
+    """``(person, biography text)`` of every biography of the probed people (bios.jsonl ids name the person's
+    index, as the probe ids do)."""
+    person_of = {p.id.rsplit("-", 1)[0]: p.person for p in probes if p.id}
+    with open(paths.data("bios.jsonl")) as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    return [(person_of[d["id"].rsplit("-", 1)[0]], d["text"]) for d in docs if d["id"].rsplit("-", 1)[0] in person_of]
+
+
+def where_facts_go(model, probes, bios: list[tuple[str, str]]) -> dict:
+    """Per memory layer: how a person's probes group on chapters (``routing``), whether they read the chapters that
+    person's biographies select (``routing[layer]["bio_overlap"]``), and how much the memory writes into the
+    residual stream on the probe prompts (``memory_contribution``)."""
+    from moc_megatron.eval.routing import (
+        document_probe_overlap,
+        memory_contribution,
+        person_concentration,
+        prompt_routes,
+    )
+
+    persons = [p.person for p in probes]
+    routes = prompt_routes(model, [p.prompt for p in probes])
+    bio_routes = prompt_routes(model, [text for _, text in bios])
+    num_routed = model.module.config.moc_num_routed_chapters
+    routing = {}
+    for layer, r in routes.items():
+        overlap = document_probe_overlap(persons, r, [person for person, _ in bios], bio_routes[layer])
+        routing[str(layer)] = dict(person_concentration(persons, r, num_routed), routes=r, bio_overlap=overlap)
+    contribution = memory_contribution(model, [p.prompt for p in probes])
+    return dict(routing=routing, memory_contribution={str(k): v for k, v in contribution.items()})
 
 
 def run_one(paths: Paths, scale: Scale, spec: RunSpec, threads: int, tag: str) -> str:

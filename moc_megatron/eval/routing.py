@@ -97,3 +97,77 @@ def person_concentration(persons: Sequence[str], routes: Sequence[Sequence[int]]
         num_routed_chapters=num_routed,
         usage=[usage.get(c, 0) for c in range(num_routed)],
     )
+
+
+def document_probe_overlap(persons: Sequence[str], probe_routes: Sequence[Sequence[int]],
+                           document_persons: Sequence[str], document_routes: Sequence[Sequence[int]]) -> dict:
+    """Do a person's probes read the chapters that person's documents (biographies) selected in training?
+
+    ``overlap``: the mean share of a probe's chapters that the documents of its own person selected;
+    ``overlap_other``: the same against the documents of every other person, averaged (the baseline that keeps
+    the router's overall preferences); ``document_chapters``: distinct chapters a person's documents select.
+    """
+    chapters_of: dict[str, set[int]] = defaultdict(set)
+    for person, route in zip(document_persons, document_routes):
+        chapters_of[person].update(route)
+    own, other = [], []
+    people = list(chapters_of)
+    for person, route in zip(persons, probe_routes):
+        if person not in chapters_of or not route:
+            continue
+        own.append(len(set(route) & chapters_of[person]) / len(route))
+        others = [len(set(route) & chapters_of[p]) / len(route) for p in people if p != person]
+        if others:
+            other.append(sum(others) / len(others))
+    return dict(
+        probes=len(own),
+        overlap=sum(own) / len(own) if own else 0.0,
+        overlap_other=sum(other) / len(other) if other else 0.0,
+        document_chapters=sum(len(c) for c in chapters_of.values()) / max(len(chapters_of), 1),
+    )
+
+
+@torch.no_grad()
+def memory_contribution(eval_model, texts: Sequence[str], max_batch_tokens: int = 8192) -> dict[int, float]:
+    """``{layer_number: mean over tokens of |memory read output| / |residual stream entering the layer|}`` on
+    ``texts``, for a Megatron MoC model: how much each memory layer writes into the residual stream."""
+    from moc_megatron.memory.memory_attention import MoCMemoryAttention
+
+    layers = {}
+    for module in eval_model.module.modules():
+        cross = getattr(module, "cross_attention", None)
+        if isinstance(cross, MoCMemoryAttention):
+            layers[cross.layer_number] = (module, cross)
+    if not layers:
+        raise ValueError("the model has no memory layers: there is no memory contribution to measure")
+    sums = dict.fromkeys(layers, 0.0)
+    count = 0
+    residual: dict[int, torch.Tensor] = {}
+    ratios: dict[int, torch.Tensor] = {}
+
+    def entering(number):
+        def hook(_module, args, kwargs):
+            residual[number] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
+    def written(number):
+        def hook(_module, _args, out):
+            ratios[number] = out[0].norm(dim=-1) / residual[number].norm(dim=-1).clamp(min=1e-12)
+        return hook
+
+    handles = []
+    for number, (layer, cross) in layers.items():
+        handles.append(layer.register_forward_pre_hook(entering(number), with_kwargs=True))
+        handles.append(cross.register_forward_hook(written(number)))
+    ids = [eval_model.tokenizer.tokenize(t) for t in texts]
+    try:
+        for batch in _length_batches([len(x) for x in ids], max_batch_tokens):
+            eval_model.logits(torch.tensor([ids[i] for i in batch], dtype=torch.long))
+            for number, ratio in ratios.items():
+                sums[number] += float(ratio.sum())
+            count += sum(len(ids[i]) for i in batch)
+            ratios.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {number: total / max(count, 1) for number, total in sums.items()}

@@ -12,7 +12,12 @@ import torch
 
 from moc_megatron.eval.models import EvalModel, load_megatron
 from moc_megatron.eval.probes import Probe, ProbeFileError, attribute_values, candidate_sets, load_probes
-from moc_megatron.eval.routing import person_concentration, prompt_routes
+from moc_megatron.eval.routing import (
+    document_probe_overlap,
+    memory_contribution,
+    person_concentration,
+    prompt_routes,
+)
 from moc_megatron.eval.scoring import (
     continuation_logprobs,
     greedy_continuations,
@@ -187,6 +192,32 @@ def test_routing_records_the_selected_chapters(setup):
     stats = person_concentration([p.person for p in probes], routes[2], num_routed=8)
     assert stats["people"] == len(NAMES) and stats["selected_per_probe"] == 2
     assert 2 <= stats["distinct"] <= 6 and sum(stats["usage"]) == 2 * len(probes)
+
+
+def test_document_probe_overlap_compares_own_documents_with_other_peoples():
+    persons = ["ann", "ann", "bob"]
+    probe_routes = [[1, 2], [1, 3], [5, 6]]
+    stats = document_probe_overlap(persons, probe_routes, ["ann", "bob", "bob"], [[1, 2, 3], [5], [7]])
+    # ann's probes: 2/2 and 2/2 of their chapters in ann's documents, 0 in bob's; bob's: 1/2 own, 0 in ann's.
+    assert stats["probes"] == 3 and stats["overlap"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert stats["overlap_other"] == 0.0 and stats["document_chapters"] == 2.5
+
+
+def test_memory_contribution_is_zero_for_a_new_memory_and_grows_with_its_output(setup):
+    probes, tokenizer, _ = setup
+    model = build_in_memory(tokenizer, seed=7)
+    prompts = [p.prompt for p in probes[:6]]
+    with torch.no_grad():
+        for m in model.module.modules():
+            if hasattr(m, "linear_o") and hasattr(m, "router"):
+                m.linear_o.weight.zero_()  # W_O starts at zero: the memory writes nothing
+    assert memory_contribution(model, prompts) == {2: 0.0}
+    with torch.no_grad():
+        for m in model.module.modules():
+            if hasattr(m, "linear_o") and hasattr(m, "router"):
+                m.linear_o.weight.normal_(0, 0.5)
+    ratio = memory_contribution(model, prompts)[2]
+    assert 0.05 < ratio < 50
 
 
 def test_probe_file_errors(tmp_path):
