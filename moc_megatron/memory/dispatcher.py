@@ -1,14 +1,18 @@
 """Moves routing units' queries to the ranks that own their chapters, and the results back.
 
 Knows nothing of attention: it ships ``[n, ...]`` tensors of units to owner ranks and merges what
-comes back with :func:`merge_partials`. Two dispatchers, chosen once by :func:`make_dispatcher`:
+comes back with :func:`merge_partials`. Two dispatchers, chosen once by :func:`make_dispatcher`, with the same
+two calls, so the memory layer runs route -> dispatch -> read -> combine whatever the layout:
 
-- :class:`LocalDispatcher` (expert-model-parallel size 1): every chapter is on this rank, nothing moves;
+- :class:`LocalDispatcher` (expert-model-parallel size 1): every chapter is on this rank, nothing moves; each
+  unit is one row that reads its shared and routed chapters at once, and ``combine`` has nothing to merge;
 - :class:`AllToAllDispatcher`: routed chapters are split over the expert-parallel group, units travel by
-  all-to-all.
+  all-to-all; the rows to read here are the received copies (their routed chapters on this rank) followed by
+  this rank's own units (their shared chapters, which every rank holds), and ``combine`` sends the received
+  rows' partials back and merges every unit's partials.
 
-``dispatch()`` returns the units as the owners see them together with a frozen :class:`DispatchPlan`;
-``combine()`` takes that plan back, so a dispatcher holds no state between the two calls.
+``dispatch()`` returns the rows to read together with a frozen :class:`DispatchPlan`; ``combine()`` takes that
+plan back, so a dispatcher holds no state between the two calls.
 :func:`all_to_all_bytes` counts what a plan's all-to-alls send, from the plan alone.
 """
 
@@ -41,6 +45,13 @@ class DispatchPlan:
     """Units on this rank before dispatch."""
     rank: int = 0
     """This rank in the expert-parallel group."""
+    own_rows: bool = False
+    """The rows read here end with this rank's own units (their shared chapters), merged in ``combine``."""
+
+    @property
+    def merges(self) -> bool:
+        """Whether a unit's result is merged from partials (log-sum-exps needed): under expert parallelism."""
+        return self.ep_size > 1
 
     @property
     def ep_size(self) -> int:
@@ -60,15 +71,20 @@ class DispatchPlan:
 
 @dataclass(frozen=True)
 class Dispatched:
-    """Units as the owner rank sees them, and the plan that returns their results."""
+    """The rows this rank reads, and the plan that returns their results."""
 
     query: torch.Tensor
-    """``[m, u, h, e]`` queries of the received units."""
+    """``[m, u, h, e]`` queries of the rows."""
     local_chapters: torch.Tensor
-    """``[m, k]`` indices into this rank's routed chapters, ``-1`` where a chapter lives elsewhere."""
+    """``[m, k]`` indices into this rank's routed chapters, ``-1`` where a chapter lives elsewhere (or is not
+    read in this row)."""
     weights: torch.Tensor
-    """``[m, k]`` chapter weights."""
+    """``[m, S + k]`` chapter weights: the shared chapters' (zero in rows that do not read them), the routed."""
+    reads_shared: torch.Tensor
+    """``[m]`` bool: the row reads the shared chapters."""
     plan: DispatchPlan
+    sent_weights: torch.Tensor | None = None
+    """``[m_r, k]`` the routed weights as they travelled (``None``: nothing travelled)."""
 
 
 def _merge(plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
@@ -103,28 +119,26 @@ def route_to_owners(chapters: torch.Tensor, chapters_per_rank: int, ep_size: int
 class LocalDispatcher:
     """Expert-model-parallel size 1: every routed chapter is on this rank; nothing is communicated."""
 
-    communicates = False
-
-    def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor) -> Dispatched:
-        """Every unit stays here; its global chapter indices are its local ones."""
+    def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor,
+                 num_shared: int) -> Dispatched:
+        """Every unit stays here as one row reading its shared and routed chapters; global indices are local."""
         n = query.shape[0]
         plan = DispatchPlan(torch.arange(n, device=query.device), (n,), (n,), n)
-        return Dispatched(query, chapters, weights, plan)
+        reads_shared = torch.full((n,), num_shared > 0, dtype=torch.bool, device=query.device)
+        return Dispatched(query, chapters, weights, reads_shared, plan)
 
-    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
-                extra: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """``out`` is already complete per unit unless ``extra`` (the shared chapters) is to be merged in."""
-        return out if extra is None else _merge(plan, out, lse, extra)
+    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+        """Every row is its unit's whole read: nothing to merge."""
+        return out
 
 
 class AllToAllDispatcher:
     """Expert-parallel dispatch of routing units to the owners of their routed chapters.
 
     Routed chapters are split into ``ep_size`` contiguous blocks of ``chapters_per_rank``. A unit is
-    sent once to every rank that owns at least one of its chapters (not once per chapter).
+    sent once to every rank that owns at least one of its chapters (not once per chapter); its shared
+    chapters are read on its own rank.
     """
-
-    communicates = True
 
     def __init__(self, chapters_per_rank: int, group: dist.ProcessGroup, ep_size: int, ep_rank: int) -> None:
         self.chapters_per_rank = chapters_per_rank
@@ -132,34 +146,43 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.ep_rank = ep_rank
 
-    def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor) -> Dispatched:
-        """Send ``query [n, u, h, e]`` with its global routed ``chapters [n, k]`` and ``weights``."""
-        n = query.shape[0]
+    def dispatch(self, query: torch.Tensor, chapters: torch.Tensor, weights: torch.Tensor,
+                 num_shared: int) -> Dispatched:
+        """Send ``query [n, u, h, e]`` with its global routed ``chapters [n, k]`` and routed ``weights[:, S:]``;
+        the rows to read here are the copies received, then (with shared chapters) this rank's own units."""
+        n, k = chapters.shape
         unit_index, dest, sent_local = route_to_owners(chapters, self.chapters_per_rank, self.ep_size)
         send_counts = torch.bincount(dest, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        plan = DispatchPlan(unit_index, tuple(send_splits), tuple(recv_splits), n, self.ep_rank)
+        plan = DispatchPlan(unit_index, tuple(send_splits), tuple(recv_splits), n, self.ep_rank, num_shared > 0)
 
         recv_local = sent_local.new_empty((sum(recv_splits), sent_local.shape[1]))
         dist.all_to_all_single(recv_local, sent_local, recv_splits, send_splits, group=self.group)
         recv_query = all_to_all(self.group, query[unit_index].contiguous(), recv_splits, send_splits)
-        recv_weights = all_to_all(self.group, weights[unit_index].contiguous(), recv_splits, send_splits)
-        return Dispatched(recv_query, recv_local, recv_weights, plan)
+        routed_w = weights[:, num_shared:]
+        recv_weights = all_to_all(self.group, routed_w[unit_index].contiguous(), recv_splits, send_splits)
+        m = recv_query.shape[0]
+        rows_weights = torch.cat([recv_weights.new_zeros(m, num_shared), recv_weights], dim=1)
+        reads_shared = torch.zeros(m, dtype=torch.bool, device=query.device)
+        if num_shared:
+            recv_query = torch.cat([recv_query, query])
+            recv_local = torch.cat([recv_local, recv_local.new_full((n, k), -1)])
+            own_weights = torch.cat([weights[:, :num_shared], weights.new_zeros(n, k)], dim=1)
+            rows_weights = torch.cat([rows_weights, own_weights])
+            reads_shared = torch.cat([reads_shared, torch.ones(n, dtype=torch.bool, device=query.device)])
+        return Dispatched(recv_query, recv_local, rows_weights, reads_shared, plan, recv_weights)
 
-    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None,
-                extra: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """Return the owners' partial results to the senders and merge them per unit.
-
-        ``extra`` is a partial computed locally for every unit (the shared chapters); it is merged
-        with the routed partials in the same exact log-sum-exp combination.
-        """
+    def combine(self, plan: DispatchPlan, out: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+        """Return the received rows' partial results to their senders and merge every unit's partials (with its
+        own shared-chapter row) in the exact log-sum-exp combination."""
+        received = sum(plan.recv_splits)
         send, recv = list(plan.send_splits), list(plan.recv_splits)
-        out = all_to_all(self.group, out.contiguous(), send, recv)
-        if lse is not None:
-            lse = all_to_all(self.group, lse.contiguous(), send, recv)
-        return _merge(plan, out, lse, extra)
+        extra = (out[received:], None if lse is None else lse[received:]) if plan.own_rows else None
+        back = all_to_all(self.group, out[:received].contiguous(), send, recv)
+        back_lse = None if lse is None else all_to_all(self.group, lse[:received].contiguous(), send, recv)
+        return _merge(plan, back, back_lse, extra)
 
 
 def make_dispatcher(num_routed_chapters: int, ep_rank: int, ep_size: int,
@@ -194,7 +217,8 @@ def _row_bytes(t: torch.Tensor | None) -> int:
 
 
 def all_to_all_bytes(sent: Dispatched, out: torch.Tensor, lse: torch.Tensor | None) -> CommBytes:
-    """What :class:`AllToAllDispatcher` sends to other ranks for ``sent`` and its partials ``out``/``lse``.
+    """What :class:`AllToAllDispatcher` sends to other ranks for ``sent`` and the partials ``out``/``lse`` of its
+    rows (the received copies first).
 
     Computed from the plan, with no communication. Per unit copy sent to another rank (``m_s``) and per
     copy received from one (``m_r``), with ``k`` the top-k and the row sizes of the tensors in bytes:
@@ -202,7 +226,7 @@ def all_to_all_bytes(sent: Dispatched, out: torch.Tensor, lse: torch.Tensor | No
     - forward:  ``(P - 1) * 8`` (the counts) ``+ m_s * (8k + q + w) + m_r * (o + l)``
     - backward: ``m_r * (q + w) + m_s * (o + l)`` (gradients of what came in travel back)
 
-    ``q`` is one unit's query (``unit_len * heads * head_dim * bytes``), ``w`` its ``k`` weights,
+    ``q`` is one unit's query (``unit_len * heads * head_dim * bytes``), ``w`` its ``k`` routed weights,
     ``o``/``l`` one unit's partial output and log-sum-exp (``l = 0`` for mixture gating). A backward
     term is counted only where the tensor requires a gradient. Rows a rank sends to itself are local
     copies and are not counted; the local dispatcher sends nothing.
@@ -211,12 +235,12 @@ def all_to_all_bytes(sent: Dispatched, out: torch.Tensor, lse: torch.Tensor | No
     if plan.ep_size == 1:
         return CommBytes()
     m_s, m_r = plan.units_sent, plan.units_received
-    idx, q, w = _row_bytes(sent.local_chapters), _row_bytes(sent.query), _row_bytes(sent.weights)
+    idx, q, w = _row_bytes(sent.local_chapters), _row_bytes(sent.query), _row_bytes(sent.sent_weights)
     o, lrow = _row_bytes(out), _row_bytes(lse)
     forward = (plan.ep_size - 1) * COUNT_BYTES + m_s * (idx + q + w) + m_r * (o + lrow)
 
     def grad(t: torch.Tensor | None, row: int) -> int:
         return row if t is not None and t.requires_grad else 0
 
-    backward = m_r * (grad(sent.query, q) + grad(sent.weights, w)) + m_s * (grad(out, o) + grad(lse, lrow))
+    backward = m_r * (grad(sent.query, q) + grad(sent.sent_weights, w)) + m_s * (grad(out, o) + grad(lse, lrow))
     return CommBytes(forward, backward)

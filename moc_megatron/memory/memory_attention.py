@@ -25,7 +25,7 @@ from moc_megatron.kernels.projected import ChapterSource, projected_chapter_atte
 from moc_megatron.memory.aux_losses import attach_router_losses
 from moc_megatron.memory.bank import MemoryBank
 from moc_megatron.memory.chapter_attention import chapter_attention
-from moc_megatron.memory.dispatcher import CommBytes, all_to_all_bytes, make_dispatcher
+from moc_megatron.memory.dispatcher import CommBytes, Dispatched, all_to_all_bytes, make_dispatcher
 from moc_megatron.memory.documents import DocumentUnits
 from moc_megatron.memory.router import ChapterRouter, chapter_weights
 from moc_megatron.memory.units import RoutingUnits
@@ -143,24 +143,19 @@ class MoCMemoryAttention(MegatronModule):
 
         routing = self.router(layout.pool(hidden_states))
         shared_w, routed_w = chapter_weights(routing, cfg)
-        chapters = routing.chapters
-        if isinstance(layout, DocumentUnits):  # ragged units read as fixed-length pieces carrying their route
-            chapters, shared_w, routed_w = (layout.per_piece(t) for t in (chapters, shared_w, routed_w))
+        # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied to the cat:
+        # megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
+        weights = copy_to_tensor_model_parallel_region(torch.cat([shared_w, routed_w], dim=1))
+        # Ragged units (documents) are read as fixed-length pieces carrying their unit's route.
+        chapters, weights = layout.per_piece(routing.chapters), layout.per_piece(weights)
 
         query = self.linear_q(hidden_states)[0].view(s, b, self.num_heads, self.head_dim)
-        query = layout.split(query)
-        if not self.dispatcher.communicates:  # every chapter is here: nothing to send, no partials to merge
-            out = self._local_read(query, chapters, shared_w, routed_w)
-        else:
-            # Each tensor-parallel rank sees only its heads' share of the weights' gradient.
-            shared_w = copy_to_tensor_model_parallel_region(shared_w)
-            routed_w = copy_to_tensor_model_parallel_region(routed_w)
-            sent = self.dispatcher.dispatch(query, chapters, routed_w)
-            routed = self._routed_partial(sent.query, sent.local_chapters, sent.weights)
-            shared = self._shared_partial(query, shared_w)
-            out = self.dispatcher.combine(sent.plan, *routed, extra=shared)
-            if training:
-                self._comm = self._comm + all_to_all_bytes(sent, *routed)
+        sent = self.dispatcher.dispatch(layout.split(query), chapters, weights, cfg.moc_num_shared_chapters)
+        out, lse = self._read(sent, need_lse=sent.plan.merges)
+        if training:
+            self._comm = self._comm + all_to_all_bytes(sent, out[: sum(sent.plan.recv_splits)],
+                                                       None if lse is None else lse[: sum(sent.plan.recv_splits)])
+        out = self.dispatcher.combine(sent.plan, out, lse)
         out = layout.join(out, s, b).reshape(s, b, self.num_heads * self.head_dim)
 
         output, bias = self.linear_o(out)
@@ -193,42 +188,32 @@ class MoCMemoryAttention(MegatronModule):
         """Start counting the all-to-all bytes from zero."""
         self._comm = CommBytes()
 
-    def _local_read(self, query: torch.Tensor, chapters: torch.Tensor, shared_w: torch.Tensor,
-                    routed_w: torch.Tensor) -> torch.Tensor:
-        """The read when every chapter lives on this rank: shared and routed chapters in one attention call.
+    def _read(self, sent: Dispatched, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(out, lse)`` of the dispatched rows' reads: each row reads the shared chapters (where
+        ``sent.reads_shared``) and its routed chapters on this rank, in one softmax over all their tokens.
 
-        The same single softmax over all selected tokens as the dispatched path, without partials to
-        merge: each unit reads its shared chapters followed by its routed ones. K/V of the shared chapters
-        and of every routed chapter with traffic are projected in one matmul, or, on the blocked path when
-        they pass one projection block, block by block inside the read (:mod:`moc_megatron.kernels.projected`).
+        K/V of the shared chapters and of every routed chapter with traffic are projected in one matmul, or block
+        by block inside the read (:mod:`moc_megatron.kernels.projected`); which implementation runs is
+        :func:`moc_megatron.kernels.choice.choose_read`'s decision.
         """
-        used, selected = self._chapters_with_traffic(chapters)
-        weights = routed_w
-        num_shared = self.config.moc_num_shared_chapters
-        if num_shared:
-            shared_sel = torch.arange(num_shared, device=chapters.device).expand(chapters.shape[0], num_shared)
-            selected = torch.cat([shared_sel, selected + num_shared], dim=1)
-            weights = torch.cat([shared_w, routed_w], dim=1)
-        # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied after the
-        # cat: megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
-        weights = copy_to_tensor_model_parallel_region(weights)
-        out, _ = self._read(query, selected, weights, used, shared=num_shared > 0, need_lse=False)
-        return out
-
-    def _read(self, query: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
-              shared: bool, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``query``'s read of the chapters ``selected`` indexes: the shared ones (if ``shared``), then the routed
-        chapters ``used``; the implementation is :func:`moc_megatron.kernels.choice.choose_read`'s."""
         cfg = self.config
-        num_chapters = (cfg.moc_num_shared_chapters if shared else 0) + used.numel()
-        choice = choose_read(cfg.moc_attention_impl, query, selected, cfg.moc_gating, need_lse, num_chapters,
-                             cfg.moc_chapter_size, cfg.moc_bank_dim, self.num_groups, self.head_dim)
+        num_shared = cfg.moc_num_shared_chapters
+        used, routed = self._chapters_with_traffic(sent.local_chapters)
+        selected = torch.where(routed >= 0, routed + num_shared, -1)
+        if num_shared:
+            shared = torch.arange(num_shared, device=selected.device).expand(selected.shape[0], num_shared)
+            shared = torch.where(sent.reads_shared.unsqueeze(1), shared, -1)
+            selected = torch.cat([shared, selected], dim=1)
+        query, weights = sent.query, sent.weights
+        choice = choose_read(cfg.moc_attention_impl, query, selected, cfg.moc_gating, need_lse,
+                             num_shared + used.numel(), cfg.moc_chapter_size, cfg.moc_bank_dim, self.num_groups,
+                             self.head_dim)
         if choice.projected:
-            return projected_chapter_attention(query, weights, selected, self._sources(used, shared), self._project,
-                                               self._projection_params(), cfg.moc_gating, self.softmax_scale,
-                                               need_lse=need_lse)
+            return projected_chapter_attention(query, weights, selected, self._sources(used, num_shared > 0),
+                                               self._project, self._projection_params(), cfg.moc_gating,
+                                               self.softmax_scale, need_lse=need_lse)
         tokens = self.routed_norm(self.bank.routed_rows(used))
-        if shared:
+        if num_shared:
             tokens = torch.cat([self.shared_norm(self.bank.shared), tokens])
         keys, values = self._project(tokens)
         return chapter_attention(query, keys, values, selected, weights, cfg.moc_gating, self.softmax_scale,
@@ -262,17 +247,3 @@ class MoCMemoryAttention(MegatronModule):
         """Parameters of the K/V projections and the memory norms (their gradients flow through the read)."""
         modules = (self.linear_k, self.linear_v, self.routed_norm, self.shared_norm)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-    def _routed_partial(self, query: torch.Tensor, local_chapters: torch.Tensor, weights: torch.Tensor):
-        """``(out, lse)`` of ``query``'s read of its local routed chapters (``-1``: elsewhere), for the merge."""
-        used, selected = self._chapters_with_traffic(local_chapters)
-        return self._read(query, selected, weights, used, shared=False, need_lse=True)
-
-    def _shared_partial(self, query: torch.Tensor, shared_w: torch.Tensor):
-        """Attention over the shared chapters, computed locally for every unit."""
-        num_shared = self.config.moc_num_shared_chapters
-        if num_shared == 0:
-            return None
-        selected = torch.arange(num_shared, device=query.device).expand(query.shape[0], num_shared)
-        no_routed = torch.zeros(0, dtype=torch.long, device=query.device)
-        return self._read(query, selected, shared_w, no_routed, shared=True, need_lse=True)

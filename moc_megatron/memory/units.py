@@ -74,3 +74,7 @@ class RoutingUnits:
         before = prefix[:, (starts - 1).clamp(min=0)]  # sum of tokens 0..start-1
         before = torch.where((starts > 0).view(1, num_chunks, 1), before, torch.zeros_like(before))
         return (before / counts).reshape(b * num_chunks, h)
+
+    def per_piece(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """Rows of a per-unit tensor for every read unit: the units are read whole, so ``per_unit`` itself."""
+        return per_unit

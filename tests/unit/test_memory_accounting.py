@@ -120,8 +120,9 @@ def test_plans_are_frozen_and_local_dispatch_sends_nothing():
     query, chapters = torch.randn(4, 2, 2, 8), torch.tensor([[0, 3], [1, 2], [4, 5], [7, 6]])
     weights = torch.rand(4, 2, requires_grad=True)
     dispatcher = make_dispatcher(8, 0, 1, None)
-    assert isinstance(dispatcher, LocalDispatcher) and not dispatcher.communicates
-    sent = dispatcher.dispatch(query, chapters, weights)
+    assert isinstance(dispatcher, LocalDispatcher)
+    sent = dispatcher.dispatch(query, chapters, weights, 0)
+    assert not sent.plan.merges and sent.query is query and not sent.reads_shared.any()
     with pytest.raises(dataclasses.FrozenInstanceError):
         sent.plan.num_units = 3
     assert sent.plan.units_sent == sent.plan.units_received == 0
@@ -162,8 +163,9 @@ def test_all_to_all_bytes_match_the_formula_for_a_known_routing():
         q, w, o, lrow = u * h * e * dtype.itemsize, k * 4, u * h * e * dtype.itemsize, u * h * lse_dtype.itemsize
         for plan, received in plans:
             m = sum(plan.recv_splits)
-            sent = Dispatched(torch.zeros(m, u, h, e, dtype=dtype, requires_grad=True), received,
-                              torch.zeros(m, k, requires_grad=True), plan)
+            routed_w = torch.zeros(m, k, requires_grad=True)
+            sent = Dispatched(torch.zeros(m, u, h, e, dtype=dtype, requires_grad=True), received, routed_w,
+                              torch.zeros(m, dtype=torch.bool), plan, routed_w)
             out = torch.zeros(m, u, h, e, dtype=dtype, requires_grad=True)
             lse = torch.zeros(m, u, h, dtype=lse_dtype, requires_grad=True)
             m_s, m_r = plan.units_sent, plan.units_received
@@ -175,7 +177,8 @@ def test_all_to_all_bytes_match_the_formula_for_a_known_routing():
             mixture = all_to_all_bytes(sent, out, None)  # mixture gating: no log-sum-exp travels
             assert mixture.forward == got.forward - m_r * lrow and mixture.backward == got.backward - m_s * lrow
             frozen = all_to_all_bytes(dataclasses.replace(sent, query=sent.query.detach(),
-                                                          weights=sent.weights.detach()), out.detach(), None)
+                                                          sent_weights=sent.sent_weights.detach()),
+                                      out.detach(), None)
             assert frozen.backward == 0  # nothing requires a gradient: no backward traffic
 
 
