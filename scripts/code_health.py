@@ -119,21 +119,24 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(components)
 
 
+def _cycles_from(graph: dict[str, set[str]], start: str, allowed: set[str]) -> Iterator[list[str]]:
+    """Elementary cycles through ``start`` whose other modules are in ``allowed``."""
+    stack = [(start, [start])]
+    while stack:
+        node, path = stack.pop()
+        for succ in sorted(graph[node] & allowed, reverse=True):
+            if succ == start:
+                yield path + [start]
+            elif succ not in path:
+                stack.append((succ, path + [succ]))
+
+
 def simple_cycles(graph: dict[str, set[str]], component: list[str]) -> list[list[str]]:
     """Every elementary cycle inside one component, each starting at its smallest module name."""
     members = set(component)
     cycles = []
     for start in sorted(component):
-        allowed = {m for m in members if m >= start}
-
-        def walk(node: str, path: list[str]) -> Iterator[list[str]]:
-            for succ in sorted(graph[node] & allowed):
-                if succ == start:
-                    yield path + [start]
-                elif succ not in path:
-                    yield from walk(succ, path + [succ])
-
-        cycles.extend(walk(start, [start]))
+        cycles.extend(sorted(_cycles_from(graph, start, {m for m in members if m >= start})))
     return cycles
 
 

@@ -23,10 +23,24 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from moc_megatron.data.tokenizer import MoCTokenizer
+from moc_megatron.errors import MoCError
+
+
+class ChatTokenizer(Protocol):
+    """What the chat code needs of a tokenizer (:class:`moc_megatron.data.tokenizer.MoCTokenizer` has it)."""
+
+    chat_template: str | None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, without any special token added."""
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text."""
+
+    def special_token_strings(self) -> dict[str, str]:
+        """``bos_token``/``eos_token``/``pad_token``/``unk_token`` strings, for chat templates."""
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
@@ -40,7 +54,7 @@ DEFAULT_CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ASSISTANT_ROLE = "assistant"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(MoCError, ValueError):
     """The chat template cannot render a conversation, or cannot give exact assistant spans."""
 
 
@@ -84,13 +98,13 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
-def template_of(tokenizer: MoCTokenizer) -> str:
+def template_of(tokenizer: ChatTokenizer) -> str:
     """The template used for ``tokenizer``: its own, else :data:`DEFAULT_CHAT_TEMPLATE`."""
     return tokenizer.chat_template if tokenizer.chat_template is not None else DEFAULT_CHAT_TEMPLATE
 
 
 def render_chat(
-    tokenizer: MoCTokenizer,
+    tokenizer: ChatTokenizer,
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = False,
     template: str | None = None,
@@ -111,7 +125,7 @@ def render_chat(
 
 
 def chat_segments(
-    tokenizer: MoCTokenizer,
+    tokenizer: ChatTokenizer,
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = False,
     template: str | None = None,
@@ -149,7 +163,7 @@ def chat_segments(
 
 
 def encode_chat(
-    tokenizer: MoCTokenizer,
+    tokenizer: ChatTokenizer,
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = False,
     template: str | None = None,
@@ -168,7 +182,7 @@ _TURN_PROBE = "Qx7"
 """Assistant text for :func:`end_of_turn`: what the template emits right after it closes the turn."""
 
 
-def end_of_turn(tokenizer: MoCTokenizer) -> tuple[str, int] | None:
+def end_of_turn(tokenizer: ChatTokenizer) -> tuple[str, int] | None:
     """``(text, id)`` of the single token that closes an assistant turn in the chat template used for
     ``tokenizer`` (its own, else :data:`DEFAULT_CHAT_TEMPLATE`), or ``None`` when the turn does not end in
     one token of this vocabulary (e.g. the default template's ``<|end|>`` without the chat symbols)."""

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moc_megatron.errors import MoCError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34
 # megatron.core.datasets.indexed_dataset.DType codes -> item sizes
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
 
 
-class DatasetFileError(ValueError):
+class DatasetFileError(MoCError, ValueError):
     """A dataset file that is missing, truncated or inconsistent; the message starts with its path."""
 
 

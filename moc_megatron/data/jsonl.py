@@ -19,10 +19,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from moc_megatron.errors import MoCError
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
-class BadLine(ValueError):
+class BadLine(MoCError, ValueError):
     """A jsonl line that cannot be used; ``reason`` says why."""
 
     def __init__(self, reason: str) -> None:
@@ -30,7 +32,7 @@ class BadLine(ValueError):
         self.reason = reason
 
 
-class InputError(ValueError):
+class InputError(MoCError, ValueError):
     """The ``--input`` specification names no readable jsonl file."""
 
 
@@ -246,7 +248,7 @@ def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-class BadInputError(ValueError):
+class BadInputError(MoCError, ValueError):
     """A bad input line stopped the run (``--skip-bad-lines`` not given); the message is ``file:line: reason``."""
 
 

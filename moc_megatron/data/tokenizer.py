@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from moc_megatron.data.chat import encode_chat, render_chat
+
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 # Names tried, in order, for the end-of-document token of a Hugging Face tokenizer whose
@@ -90,8 +92,6 @@ class MoCTokenizer(ABC):
         Token ids are the concatenation of the per-segment tokenization that
         ``tools/preprocess_sft.py`` uses, so a prompt built here matches the fine-tuning data.
         """
-        from moc_megatron.data.chat import encode_chat, render_chat
-
         if not tokenize:
             return render_chat(self, messages, add_generation_prompt)
         ids, _ = encode_chat(self, messages, add_generation_prompt=add_generation_prompt)

@@ -31,6 +31,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from moc_megatron.errors import MoCError
+
 RECORD_SUFFIX = ".tokenizer.json"
 CHECKPOINT_KEY = "tokenizer"
 RECORD_FORMAT = "moc-tokenizer-v1"
@@ -39,7 +41,7 @@ RECORD_FORMAT = "moc-tokenizer-v1"
 COMPARED_FIELDS = ("tokenizer_type", "vocab_size", "model_sha256", "eod", "pad")
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(MoCError, ValueError):
     """Two things that must share one tokenizer (data, checkpoint, the run's flags) do not."""
 
 

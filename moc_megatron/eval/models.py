@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
+from moc_megatron.errors import MoCError
 from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
 
 # Saved flags that describe the training run's layout or runtime; evaluation runs in one process.
@@ -30,7 +31,7 @@ _SINGLE_PROCESS = dict(
 )
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(MoCError, RuntimeError):
     """The directory holds no loadable checkpoint (the message says which file is missing or wrong)."""
 
 

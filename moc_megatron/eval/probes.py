@@ -16,10 +16,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from moc_megatron.errors import MoCError
+
 REQUIRED_KEYS = ("prompt", "completion", "attribute")
 
 
-class ProbeFileError(ValueError):
+class ProbeFileError(MoCError, ValueError):
     """A probes file line is malformed (the message names the file and line)."""
 
 

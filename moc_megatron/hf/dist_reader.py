@@ -15,11 +15,12 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from moc_megatron.errors import MoCError
 from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training import checkpoint_meta as meta
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(MoCError, RuntimeError):
     """The checkpoint is missing, incomplete or not a torch_dist checkpoint."""
 
 

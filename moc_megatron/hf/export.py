@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moc_megatron.data.tokenizer_record import record_from_checkpoint_state
+from moc_megatron.errors import MoCError
 from moc_megatron.hf import names
 from moc_megatron.hf.dist_reader import DistCheckpointReader, resolve_checkpoint
 from moc_megatron.hf.hf_tokenizer import (
@@ -38,7 +39,7 @@ AUTO_MAP = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ExportError(RuntimeError):
+class ExportError(MoCError, RuntimeError):
     """The checkpoint cannot be exported as asked (message says what and where)."""
 
 

@@ -9,6 +9,7 @@ the factor). Anything else that would change the computation is refused in one l
 
 from __future__ import annotations
 
+from moc_megatron.errors import MoCError
 from moc_megatron.hf.names import LLAMA3_ROPE_FIXED, rope_parameters
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -17,7 +18,7 @@ SUPPORTED = ("MoC folders exported by tools/convert_checkpoint.py and dense " + 
              + " models")
 
 
-class UnsupportedSourceError(ValueError):
+class UnsupportedSourceError(MoCError, ValueError):
     """The dense model has a feature the MoC backbone cannot express (the message names the field)."""
 
 

@@ -24,6 +24,7 @@ from moc_megatron.data.tokenizer_record import (
     record_from_tokenizer,
     write_record_file,
 )
+from moc_megatron.errors import MoCError
 from moc_megatron.hf.sp_convert import ConversionError, check_conversion, mark_special, sentencepiece_to_tokenizers
 from moc_megatron.model.builder import pad_vocab_size
 
@@ -31,7 +32,7 @@ RECORD_FILE = "tokenizer_record.json"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoCError, ValueError):
     """The tokenizer cannot go with this model."""
 
 

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from moc_megatron.data.tokenizer_record import CHECKPOINT_KEY, TokenizerRecord, record_for
+from moc_megatron.errors import MoCError
 from moc_megatron.hf import names
 from moc_megatron.hf.export import staging_folder
 from moc_megatron.hf.families import UnsupportedSourceError, backbone_from_dense
 from moc_megatron.hf.hf_tokenizer import RECORD_FILE
 
 
-class ImportError_(RuntimeError):
+class ImportError_(MoCError, RuntimeError):
     """The Hugging Face folder cannot be imported as asked."""
 
 

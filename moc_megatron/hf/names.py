@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moc_megatron.errors import MoCError
+
 # Megatron norm keys differ between the local layer spec (torch norms) and Transformer Engine's fused
 # norm + linear modules; export accepts either, import writes the local spec's (which this project builds).
 NORM_KEY_ALTERNATIVES = {
@@ -34,7 +36,7 @@ def rope_parameters(theta: float, scaling_factor: float | None) -> dict:
     return {"rope_type": "llama3", "rope_theta": float(theta), "factor": float(scaling_factor), **LLAMA3_ROPE_FIXED}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MoCError, ValueError):
     """The checkpoint's model has a feature the Hugging Face MoC model does not implement."""
 
 

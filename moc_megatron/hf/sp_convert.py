@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 
+from moc_megatron.errors import MoCError
+
 SAMPLES = (
     "Hello world! The quick brown fox jumps over the lazy dog.",
     "  def f(x):\n\treturn x ** 2  # 42, 3.14\n",
@@ -46,7 +48,7 @@ _PLACEHOLDER = 0x10FF00  # supplementary private use area B: no character map ch
 _UNK_SURFACE = " \u2047 "  # how sentencepiece decodes the unknown piece
 
 
-class ConversionError(ValueError):
+class ConversionError(MoCError, ValueError):
     """The converted tokenizer does not encode or decode like the sentencepiece model."""
 
 

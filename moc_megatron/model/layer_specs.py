@@ -25,8 +25,9 @@ from megatron.core.transformer.transformer_layer import (
 
 from moc_megatron.config import MoCConfig
 from moc_megatron.memory.memory_attention import MoCMemoryAttention, MoCMemorySubmodules
+from moc_megatron.memory.norm import MemoryRMSNorm, TEMemoryRMSNorm
 from moc_megatron.model.core_attention import SDPACoreAttention
-from moc_megatron.model.norm import LocalNorm, MemoryRMSNorm, TEMemoryRMSNorm
+from moc_megatron.model.norm import LocalNorm
 from moc_megatron.platform.megatron_versions import mlp_submodule
 
 

@@ -1,11 +1,12 @@
-"""RMSNorm/LayerNorm for the local layer spec that also works under sequence parallelism."""
+"""RMSNorm/LayerNorm of the transformer layers for the local layer spec, also under sequence parallelism."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+# The memory norms live in memory/norm.py; memory_attention.py still imports MemoryRMSNorm from here.
+from moc_megatron.memory.norm import MemoryRMSNorm, TEMemoryRMSNorm  # noqa: F401
 
 
 class LocalNorm(torch.nn.Module):
@@ -28,30 +29,3 @@ class LocalNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension."""
         return self.norm(x)
-
-
-class MemoryRMSNorm:
-    """RMSNorm of memory tokens for the local spec: a plain ``torch.nn.RMSNorm`` (parameter ``weight``).
-
-    Memory tokens are not a sequence, so no sequence-parallel tagging; under tensor parallelism the full
-    gradient reaches the norm through the column-parallel K/V projections' input all-reduce.
-    """
-
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> torch.nn.Module:
-        return torch.nn.RMSNorm(hidden_size, eps=eps)
-
-
-class TEMemoryRMSNorm:
-    """RMSNorm of memory tokens for the Transformer Engine spec: TE's RMSNorm (parameter ``weight``).
-
-    Always RMSNorm (the paper's memory normalisation, whatever ``config.normalization`` says) and never
-    sequence-parallel. Needs Transformer Engine, i.e. a GPU.
-    """
-
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> torch.nn.Module:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        plain = copy.copy(config)
-        plain.normalization = "RMSNorm"
-        plain.sequence_parallel = False
-        return TENorm(plain, hidden_size, eps)

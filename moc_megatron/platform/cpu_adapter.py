@@ -85,17 +85,17 @@ def rng_tracker() -> None:
     """
     from megatron.core.tensor_parallel import random as mcore_random
 
-    from moc_megatron.platform import cpu_rng
+    from moc_megatron.platform.cpu_rng import CpuRNGStatesTracker, get_device_rng_state, set_device_rng_state
 
     for name in ("CudaRNGStatesTracker", "_get_cuda_rng_state", "_set_cuda_rng_state"):
         if not hasattr(mcore_random, name):
             raise RuntimeError(f"moc_megatron.platform: megatron.core.tensor_parallel.random.{name} is gone")
     bind_cpu_torch(mcore_random)
-    mcore_random.CudaRNGStatesTracker = cpu_rng.CpuRNGStatesTracker
-    mcore_random._get_cuda_rng_state = cpu_rng.get_device_rng_state
-    mcore_random._set_cuda_rng_state = cpu_rng.set_device_rng_state
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random._get_cuda_rng_state = get_device_rng_state
+    mcore_random._set_cuda_rng_state = set_device_rng_state
     tracker = mcore_random._CUDA_RNG_STATE_TRACKER
-    if tracker is not None and not isinstance(tracker, cpu_rng.CpuRNGStatesTracker):
+    if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
         mcore_random.initialize_rng_tracker(force_reset=True)
 
 

@@ -43,17 +43,21 @@ def init_platform() -> None:
     global _initialized
     if _initialized:
         return
-    from moc_megatron.platform import megatron_versions
+    from moc_megatron.platform.megatron_versions import (
+        adapt_common_state_loading,
+        check_supported,
+        quiet_internal_notices,
+    )
 
-    megatron_versions.check_supported()
-    megatron_versions.adapt_common_state_loading()
-    megatron_versions.quiet_internal_notices()
+    check_supported()
+    adapt_common_state_loading()
+    quiet_internal_notices()
     if using_gpu():
         torch.cuda.set_device(get_device())
     else:
-        from moc_megatron.platform import cpu_adapter
+        from moc_megatron.platform.cpu_adapter import apply
 
-        cpu_adapter.apply()
+        apply()
     _initialized = True
 
 

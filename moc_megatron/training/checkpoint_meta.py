@@ -19,6 +19,7 @@ import shutil
 import tempfile
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.errors import MoCError
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform.megatron_versions import is_complete_checkpoint
 from moc_megatron.training.moc_flags import flag_name
@@ -27,7 +28,7 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"iter_(\d{7})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MoCError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message names the folder and the flags."""
 
 

@@ -12,20 +12,14 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from moc_megatron.errors import MoCError
+
 EXIT_ARGUMENTS = 2
 EXIT_STARTUP = 1
 
 
-def startup_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "bad input, say so and stop" (not a bug: no traceback)."""
-    from moc_megatron.data.dataset_check import DatasetFileError
-    from moc_megatron.data.tokenizer_record import TokenizerMismatchError
-    from moc_megatron.training.checkpoint_meta import CheckpointError
-    from moc_megatron.training.nan_check import NonFiniteLossError
-    from moc_megatron.training.validate_args import ArgumentsError
-
-    return (ArgumentsError, CheckpointError, DatasetFileError, TokenizerMismatchError, NonFiniteLossError,
-            FileNotFoundError)
+# "Bad input, say so and stop" (not a bug: no traceback). A missing file named by a flag is one too.
+STARTUP_ERRORS: tuple[type[BaseException], ...] = (MoCError, FileNotFoundError)
 
 
 def print_once(message: str) -> None:
@@ -41,8 +35,8 @@ def exit_with_error(prog: str, message: str, status: int) -> NoReturn:
 
 
 def run_entry_point(prog: str, main: Callable[[], object]) -> None:
-    """Run ``main``; a start-up error prints one message and exits non-zero."""
+    """Run ``main``; a :class:`~moc_megatron.errors.MoCError` prints one message and exits non-zero."""
     try:
         main()
-    except startup_errors() as exc:
+    except STARTUP_ERRORS as exc:
         exit_with_error(prog, str(exc), EXIT_STARTUP)

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from moc_megatron import platform
+from moc_megatron.errors import MoCError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoCError, RuntimeError):
     """The loss (or gradient norm) of an iteration is NaN or Inf."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from moc_megatron.errors import MoCError
 
-class ArgumentsError(ValueError):
+
+class ArgumentsError(MoCError, ValueError):
     """A command line whose flags do not fit together; the message says which flags and why."""
 
 

@@ -74,8 +74,8 @@ def test_te_spec_names_transformer_engine_modules():
     """The TE spec's submodules are megatron's TE linears and TE's RMSNorm (they build only where TE imports)."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
+    from moc_megatron.memory.norm import TEMemoryRMSNorm
     from moc_megatron.model.layer_specs import te_memory_submodules
-    from moc_megatron.model.norm import TEMemoryRMSNorm
 
     sub = te_memory_submodules()
     assert sub.linear_q is sub.linear_k is sub.linear_v is TEColumnParallelLinear
