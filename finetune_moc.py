@@ -11,14 +11,13 @@ Same flags as pretrain_moc.py; see docs/training.md, "Instruction tuning".
 
 from __future__ import annotations
 
-from moc_megatron.training.config_from_args import build_run_config
 from moc_megatron.training.errors import run_entry_point
-from moc_megatron.training.finetune import finetune, parse_finetune_args
+from moc_megatron.training.finetune import finetune, parse_finetune_run_config
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and finetune."""
-    run = build_run_config(parse_finetune_args(argv))
+    run = parse_finetune_run_config(argv)
     run_entry_point("finetune_moc.py", lambda: finetune(run))
 
 

@@ -8,15 +8,14 @@ See docs/training.md for the flags, the log line, the checkpoint layout and how 
 
 from __future__ import annotations
 
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.config_from_args import build_run_config
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.errors import run_entry_point
 from moc_megatron.training.loop import pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and train; bad input stops with a one-line message (status 2 flags, 1 files)."""
-    run = build_run_config(parse_args(argv))
+    run = parse_run_config(argv)
     run_entry_point("pretrain_moc.py", lambda: pretrain(run))
 
 

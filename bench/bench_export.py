@@ -34,20 +34,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def save_checkpoint(preset: str, root: str) -> None:
     """Build ``preset`` (random init) in this process and save it as ``root/iter_0000000``."""
     from moc_megatron import platform
+    from moc_megatron.checkpoint import layout as meta
     from moc_megatron.hf.importer import save_weights_checkpoint
     from moc_megatron.model.builder import build_model
-    from moc_megatron.training import checkpoint_meta as meta
-    from moc_megatron.training.arguments import parse_args as training_args
-    from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+    from moc_megatron.training.arguments import parse_run_config
+    from moc_megatron.training.config_from_args import run_model_settings
 
-    args = training_args(["--preset", preset, "--mock-data", "--micro-batch-size", "1", "--train-iters", "1",
-                          "--lr", "1e-4"], world_size=1, exit_on_error=False)
+    run = parse_run_config(["--preset", preset, "--mock-data", "--micro-batch-size", "1", "--train-iters", "1",
+                            "--lr", "1e-4"], world_size=1, exit_on_error=False)
     platform.initialize_distributed()
-    config, settings = transformer_config_from_args(args), model_settings_from_args(args)
+    config, settings = run.model, run_model_settings(run)
     model = build_model(config, settings)
     os.makedirs(meta.checkpoint_path(root, 0))
     path = meta.checkpoint_path(root, 0)
-    save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, path)
+    save_weights_checkpoint({"model": model.sharded_state_dict()}, config, settings, path, run.saved_args)
     meta.write_tracker(root, 0)
 
 

@@ -1,8 +1,9 @@
 """Models to evaluate, behind one interface: a Megatron checkpoint or a Hugging Face model folder.
 
 :func:`load_megatron` rebuilds the model a ``pretrain_moc.py``/``finetune_moc.py`` checkpoint was trained
-as, from the arguments and model signature saved in it, in this one process on the CPU (any TP/PP/EP
-layout it was saved at: ``torch_dist`` stores global tensors), and loads its weights. MoC and dense
+as, from the model record saved in it (:mod:`moc_megatron.checkpoint.model_config`; older checkpoints: their
+flags and model signature), in this one process on the CPU (any TP/PP/EP layout it was saved at:
+``torch_dist`` stores global tensors), and loads its weights. MoC and dense
 (no memory layers) checkpoints alike. :func:`load_hf` loads a folder with transformers'
 ``AutoModelForCausalLM`` (``trust_remote_code=True``, for the exported ``modeling_moc.py``).
 
@@ -12,7 +13,6 @@ the scorers take.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +22,6 @@ import torch
 from moc_megatron.data.tokenizer import MoCTokenizer, build_tokenizer
 from moc_megatron.errors import MoCError
 from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
-
-# Saved flags that describe the training run's layout or runtime; evaluation runs in one process.
-_SINGLE_PROCESS = dict(
-    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
-    virtual_pipeline_model_parallel_size=None, sequence_parallel=False, recompute_granularity=None,
-    recompute_method=None, recompute_num_layers=None, use_cpu_initialization=True,
-)
 
 
 class CheckpointLoadError(MoCError, RuntimeError):
@@ -65,22 +58,23 @@ class EvalModel:
 
 def resolve_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[str, int]:
     """``(path of iter_XXXXXXX, iteration)``: the given iteration, or the tracker's, or ``load_dir`` itself."""
-    from moc_megatron.training import checkpoint_meta as meta
+    from moc_megatron.checkpoint.layout import CheckpointNotFoundError, resolve_existing
 
     try:
-        return meta.resolve_existing(load_dir, iteration)
-    except meta.CheckpointNotFoundError as exc:
+        return resolve_existing(load_dir, iteration)
+    except CheckpointNotFoundError as exc:
         raise CheckpointLoadError(str(exc)) from exc
 
 
-def saved_training_args(path: str) -> tuple[argparse.Namespace, dict]:
-    """The flags and the common state (signature, iteration, ...) stored in the checkpoint at ``path``."""
+def saved_common_state(path: str) -> dict:
+    """The common state (flags, model record, signature, iteration, ...) of the checkpoint at ``path``."""
     from moc_megatron.platform.megatron_versions import read_common_state
 
     common = read_common_state(path)
-    if "args" not in common or "model_signature" not in common:
-        raise CheckpointLoadError(f"{path}: no saved arguments/model signature (not a pretrain_moc.py checkpoint)")
-    return argparse.Namespace(**common["args"]), common
+    if "model_config" not in common and ("args" not in common or "model_signature" not in common):
+        raise CheckpointLoadError(f"{path}: no model_config or saved arguments/model signature "
+                                  "(not a pretrain_moc.py checkpoint)")
+    return common
 
 
 def _ensure_single_process_world() -> None:
@@ -94,19 +88,15 @@ def _ensure_single_process_world() -> None:
         initialize_distributed()
 
 
-def build_megatron_model_from_args(args: argparse.Namespace, signature: dict) -> torch.nn.Module:
-    """The whole model (one process, CPU) for a checkpoint's saved flags; weights freshly initialised."""
-    from moc_megatron.model.builder import ModelSettings, build_model
-    from moc_megatron.training.config_from_args import transformer_config_from_args
+def build_megatron_model(common: dict, where: str) -> torch.nn.Module:
+    """The whole model (one process, CPU, weights freshly initialised) of a checkpoint's common state, in the
+    precision it was trained in (``where`` names the checkpoint in errors)."""
+    from moc_megatron.checkpoint.model_config import config_from_record, read_model_record
+    from moc_megatron.model.builder import build_model
 
     _ensure_single_process_world()
-    for name, value in _SINGLE_PROCESS.items():
-        setattr(args, name, value)
-    config = transformer_config_from_args(args)
-    settings = ModelSettings(vocab_size=signature["vocab_size"], max_sequence_length=args.max_position_embeddings,
-                             tie_embeddings=signature["tie_embeddings"], rotary_base=signature["rotary_base"],
-                             rope_scaling=bool(signature.get("rope_scaling")),
-                             rope_scaling_factor=signature.get("rope_scaling_factor", 8.0))
+    runtime = {"bf16": bool(common.get("args", {}).get("bf16"))}
+    config, settings = config_from_record(read_model_record(common, where), runtime, use_cpu_initialization=True)
     return build_model(config, settings, use_te=False)
 
 
@@ -120,21 +110,23 @@ def load_megatron(load_dir: str, iteration: int | None = None, tokenizer_type: s
     from megatron.core import dist_checkpointing
 
     path, iteration = resolve_checkpoint(load_dir, iteration)
-    args, common = saved_training_args(path)
-    tokenizer_type = tokenizer_type or getattr(args, "tokenizer_type", None)
-    tokenizer_model = tokenizer_model or getattr(args, "tokenizer_model", None)
+    common = saved_common_state(path)
+    args = common.get("args", {})
+    tokenizer_type = tokenizer_type or args.get("tokenizer_type")
+    tokenizer_model = tokenizer_model or args.get("tokenizer_model")
     if not tokenizer_type or not tokenizer_model:
         raise CheckpointLoadError(f"{path} was trained without a tokenizer (mock data); give --tokenizer-type "
                                   "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    model = build_megatron_model_from_args(args, common["model_signature"])
+    model = build_megatron_model(common, path)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
     model.float().eval()
-    info = dict(checkpoint=path, iteration=iteration, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                memory_layers=list(getattr(args, "moc_memory_layers", None) or []),
+    config = model.config
+    info = dict(checkpoint=path, iteration=iteration, num_layers=config.num_layers, hidden_size=config.hidden_size,
+                memory_layers=list(config.moc_memory_layers),
                 consumed_train_samples=common.get("train_state", {}).get("consumed_train_samples"),
-                seq_length=getattr(args, "seq_length", None))
+                seq_length=args.get("seq_length"))
     return EvalModel(model, tokenizer, "megatron", tokenizer.vocab_size, info)
 
 

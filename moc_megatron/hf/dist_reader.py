@@ -15,9 +15,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from moc_megatron.checkpoint.layout import CheckpointNotFoundError, resolve_existing
 from moc_megatron.errors import MoCError
 from moc_megatron.platform.megatron_versions import read_common_state
-from moc_megatron.training import checkpoint_meta as meta
 
 
 class CheckpointReadError(MoCError, RuntimeError):
@@ -27,8 +27,8 @@ class CheckpointReadError(MoCError, RuntimeError):
 def resolve_checkpoint(load: str, iteration: int | None) -> str:
     """``{load}/iter_XXXXXXX`` of ``iteration`` (default: the tracker's), or ``load`` itself if it is one."""
     try:
-        return meta.resolve_existing(load, iteration)[0]
-    except meta.CheckpointNotFoundError as exc:
+        return resolve_existing(load, iteration)[0]
+    except CheckpointNotFoundError as exc:
         raise CheckpointReadError(str(exc)) from exc
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moc_megatron.checkpoint.model_config import ModelRecordError, read_model_record
 from moc_megatron.data.tokenizer_record import record_from_checkpoint_state
 from moc_megatron.errors import MoCError
 from moc_megatron.hf import names
@@ -113,10 +114,12 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     max_bytes = parse_size(opts.max_shard_size)
     path = resolve_checkpoint(opts.load, opts.iteration)
     reader = DistCheckpointReader(path)
-    signature, args = reader.common.get("model_signature"), reader.common.get("args", {})
-    if signature is None:
-        raise ExportError(f"{path}: no model_signature (not saved by this project's pretrain_moc.py)")
-    config = names.hf_config_from_signature(signature, args)
+    args = reader.common.get("args", {})
+    try:
+        record = read_model_record(reader.common, path)
+    except ModelRecordError as exc:
+        raise ExportError(str(exc)) from exc
+    config = names.hf_config_from_model(record["config"], record["settings"])
     padded = config["vocab_size"]
     recorded = record_from_checkpoint_state(reader.common)
     tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type, recorded)

@@ -20,19 +20,31 @@ will expect.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from moc_megatron.data.tokenizer_record import CHECKPOINT_KEY, TokenizerRecord, record_for
+from moc_megatron.checkpoint.layout import checkpoint_name, write_tracker
+from moc_megatron.checkpoint.metadata import common_state, optimizer_metadata
+from moc_megatron.checkpoint.model_config import build_model_config, model_record, saved_flags
+from moc_megatron.config import MoCConfig
+from moc_megatron.config_flags import add_moc_config_flags, flag_name, moc_config_kwargs
+from moc_megatron.data.tokenizer_record import TokenizerRecord, record_for
 from moc_megatron.errors import MoCError
 from moc_megatron.hf import names
 from moc_megatron.hf.export import staging_folder
 from moc_megatron.hf.families import UnsupportedSourceError, backbone_from_dense
 from moc_megatron.hf.hf_tokenizer import RECORD_FILE
+from moc_megatron.model.builder import ModelSettings, pad_vocab_size
+
+SEED = 1234
+"""Seed of the new memory of a dense import (``pretrain_moc.py``'s ``--seed`` default)."""
 
 
 class ImportError_(MoCError, RuntimeError):
@@ -70,54 +82,87 @@ def _dense_as_moc(cfg: dict) -> dict:
         raise ImportError_(str(exc)) from exc
 
 
-def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[str]:
-    """The ``pretrain_moc.py`` flags of the model ``config`` describes (memory flags not included)."""
+def _rotary_base(config: dict) -> int:
     theta = config["rope_parameters"]["rope_theta"]
     if float(theta) != int(theta):
         raise ImportError_(f"rope_theta {theta} is not an integer (--rotary-base takes integers)")
-    flags = [
-        "--num-layers", str(config["num_hidden_layers"]), "--hidden-size", str(config["hidden_size"]),
-        "--ffn-hidden-size", str(config["intermediate_size"]),
-        "--num-attention-heads", str(config["num_attention_heads"]),
-        "--num-query-groups", str(config["num_key_value_heads"]), "--kv-channels", str(config["head_dim"]),
-        "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
-        "--norm-epsilon", repr(float(config["rms_norm_eps"])),
-        "--max-position-embeddings", str(config["max_position_embeddings"]),
-        "--seq-length", str(min(config["max_position_embeddings"], 4096)),
-        "--rotary-base", str(int(theta)), "--vocab-size", str(vocab_size),
-        "--make-vocab-size-divisible-by", str(opts.make_vocab_size_divisible_by),
-        "--init-method-std", repr(float(config.get("initializer_range", 0.02))),
-    ]
-    if config["num_key_value_heads"] != config["num_attention_heads"]:
+    return int(theta)
+
+
+def model_settings_from_hf(config: dict, vocab_size: int) -> ModelSettings:
+    """The ``ModelSettings`` of a MoC ``config.json`` with ``vocab_size`` embedding rows."""
+    rope = config["rope_parameters"]
+    scaled = rope.get("rope_type", "default") == "llama3"
+    return ModelSettings(vocab_size=vocab_size, max_sequence_length=config["max_position_embeddings"],
+                         tie_embeddings=bool(config["tie_word_embeddings"]), rotary_base=_rotary_base(config),
+                         rope_scaling=scaled, rope_scaling_factor=float(rope["factor"]) if scaled else 8.0)
+
+
+def _flag(name: str, value) -> list[str]:
+    """``--name value`` as the command line spells it (on/off flags: present or not)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else []
+    if isinstance(value, list):
+        return [flag, *(str(v) for v in value)]
+    return [flag, repr(value) if isinstance(value, float) else str(value)]
+
+
+def training_flags(config: dict, opts: ImportOptions, vocab_size: int) -> list[str]:
+    """The ``pretrain_moc.py`` flags of the model ``config`` describes (memory flags not included), printed
+    after an import so that training continues with the same model."""
+    fields = names.model_fields_from_hf({k: v for k, v in config.items() if k != "memory_layers"})
+    settings = model_settings_from_hf(config, vocab_size)
+    flags = [*_flag("num_layers", fields["num_layers"]), *_flag("hidden_size", fields["hidden_size"]),
+             *_flag("ffn_hidden_size", fields["ffn_hidden_size"]),
+             *_flag("num_attention_heads", fields["num_attention_heads"]),
+             *_flag("num_query_groups", fields["num_query_groups"]), *_flag("kv_channels", fields["kv_channels"]),
+             "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+             *_flag("norm_epsilon", fields["layernorm_epsilon"]),
+             *_flag("max_position_embeddings", settings.max_sequence_length),
+             *_flag("seq_length", min(settings.max_sequence_length, 4096)),
+             *_flag("rotary_base", settings.rotary_base), *_flag("vocab_size", vocab_size),
+             *_flag("make_vocab_size_divisible_by", opts.make_vocab_size_divisible_by),
+             *_flag("init_method_std", fields.get("init_method_std", 0.02))]
+    if fields["num_query_groups"] != fields["num_attention_heads"]:
         flags.append("--group-query-attention")
-    if config.get("qkv_bias"):
-        flags.append("--add-qkv-bias")
-    if config.get("qk_norm"):
-        flags.append("--qk-layernorm")
-    if config["rope_parameters"].get("rope_type", "default") == "llama3":
-        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(config["rope_parameters"]["factor"]))]
-    if not config["tie_word_embeddings"]:
+    flags += _flag("add_qkv_bias", bool(fields.get("add_qkv_bias"))) + _flag("qk_layernorm",
+                                                                              bool(fields.get("qk_layernorm")))
+    if settings.rope_scaling:
+        flags += ["--use-rope-scaling", *_flag("rope_scaling_factor", settings.rope_scaling_factor)]
+    if not settings.tie_embeddings:
         flags.append("--untie-embeddings-and-output-weights")
     if config.get("reset_attention_mask"):
         flags.append("--reset-attention-mask")
     return flags
 
 
-def memory_flags(config: dict) -> list[str]:
-    """``--moc-*`` flags of a MoC ``config.json``."""
-    if not config.get("memory_layers"):
+def memory_flags(fields: dict) -> list[str]:
+    """``--moc-*`` flags of a model's memory fields (none without memory layers)."""
+    if not fields.get("moc_memory_layers"):
         return []
-    return [
-        "--moc-memory-layers", *[str(i) for i in config["memory_layers"]],
-        "--moc-num-chapters", str(config["num_chapters"]), "--moc-chapter-size", str(config["chapter_size"]),
-        "--moc-num-shared-chapters", str(config["num_shared_chapters"]),
-        "--moc-top-k", str(config["memory_top_k"]), "--moc-num-heads", str(config["memory_num_heads"]),
-        "--moc-num-query-groups", str(config["memory_num_kv_heads"]), "--moc-bank-dim", str(config["bank_dim"]),
-        "--moc-routing-unit", config["routing_unit"], "--moc-chunk-size", str(config["chunk_size"]),
-        "--moc-gating", config["gating"], "--moc-routed-scaling-factor", repr(float(config["routed_scaling_factor"])),
-        "--moc-shared-bank" if config["shared_bank"] else "--no-moc-shared-bank",
-        "--moc-bank-init-std", repr(float(config.get("bank_init_std", 0.02))),
-    ]
+    flags = []
+    for name in names.HF_MEMORY_FIELDS.values():
+        if name == "moc_shared_bank":
+            flags.append(flag_name(name) if fields[name] else "--no-moc-shared-bank")
+        elif name in fields:
+            flags += _flag(name, fields[name])
+    return [*_flag("moc_memory_layers", list(fields["moc_memory_layers"])), *flags]
+
+
+class _FlagError(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ImportError_(f"bad --moc-* flags for this model: {message}")
+
+
+def memory_fields_from_flags(flags: list[str]) -> dict:
+    """The ``moc_`` fields that ``--moc-*`` command-line flags set (dense import: the memory to add)."""
+    parser = _FlagError(prog="convert_checkpoint.py import", add_help=False, allow_abbrev=False)
+    add_moc_config_flags(parser)
+    parsed, rest = parser.parse_known_args(flags)
+    if rest:
+        raise ImportError_(f"bad --moc-* flags for this model: unrecognized {' '.join(rest)}")
+    return moc_config_kwargs(vars(parsed))
 
 
 class _SafetensorsFolder:
@@ -151,29 +196,35 @@ class _SafetensorsFolder:
             raise ImportError_(f"--hf {self.folder}: cannot read {name!r} from {self.weight_map[name]}: {exc}") from exc
 
 
-def _parse(flags: list[str]) -> argparse.Namespace:
-    from moc_megatron.training.arguments import parse_args
+@dataclass
+class _Source:
+    """What the Hugging Face folder holds: its config (as MoC ``config.json`` fields), tensors and tokenizer."""
 
-    world = 1
-    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size"):
-        if flag in flags:
-            world *= int(flags[flags.index(flag) + 1])
-    try:
-        extra = ["--mock-data", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-4"]
-        return parse_args([*flags, *extra], world_size=world, exit_on_error=False)
-    except SystemExit as exc:  # argparse on a bad --moc-* value
-        raise ImportError_(f"bad flags for this model: {exc}") from exc
+    config: dict
+    dense: bool
+    model_type: str | None
+    tensors: _SafetensorsFolder
+    record: TokenizerRecord | None
 
 
-def import_checkpoint(opts: ImportOptions, log=print) -> str:
-    """Write the Megatron checkpoint folder ``opts.save`` (``iter_0000000`` + tracker); return it."""
-    from moc_megatron import platform
-    from moc_megatron.model.builder import build_model
-    from moc_megatron.training import checkpoint_meta as meta
-    from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+@dataclass
+class _Target:
+    """The Megatron model the checkpoint is written for."""
 
-    if os.path.exists(opts.save):
-        raise ImportError_(f"--save {opts.save} already exists; remove it or choose another folder")
+    fields: dict
+    """``MoCConfig`` fields (backbone and memory)."""
+    settings: ModelSettings
+    """With the vocabulary padded as the training run at the requested layout will pad it."""
+    config: MoCConfig
+    """At the requested layout (checked here; the signature is layout-free)."""
+    hf_view: dict
+    """The Hugging Face ``config.json`` of the model (the parameter plan is read from it)."""
+    saved_args: dict
+    """The flags stored with the checkpoint (the model's, and the true vocabulary)."""
+
+
+def _read_source(opts: ImportOptions, log) -> _Source:
+    """Read the folder's config, tensor index and tokenizer; a dense model's backbone as MoC fields."""
     source = read_hf_config(opts.hf)
     dense = source.get("model_type") != "moc"
     record = hf_tokenizer_record(opts.hf)
@@ -182,7 +233,6 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
             raise ImportError_(f"--hf {opts.hf} is a dense {source.get('model_type')!r} model: give "
                                "--moc-memory-layers (and the other --moc-* flags) for the memory to add")
         config = _dense_as_moc(source)
-        mem = list(opts.moc_flags)
         rows = config["vocab_size"]
         config["vocab_size"] = _dense_vocabulary(rows, record, opts.hf)
         if config["vocab_size"] < rows:
@@ -191,60 +241,103 @@ def import_checkpoint(opts: ImportOptions, log=print) -> str:
     else:
         if opts.moc_flags:
             raise ImportError_("--moc-* flags are only for a dense model; a MoC folder keeps its own memory")
-        config = {k: source[k] for k in source}
-        mem = memory_flags(config)
-    tensors = _SafetensorsFolder(opts.hf)
-    layout = ["--tensor-model-parallel-size", str(opts.tensor_model_parallel_size),
-              "--pipeline-model-parallel-size", str(opts.pipeline_model_parallel_size),
-              "--expert-model-parallel-size", str(opts.expert_model_parallel_size)]
+        config = dict(source)
+    return _Source(config, dense, source.get("model_type"), _SafetensorsFolder(opts.hf), record)
+
+
+def _target(source: _Source, opts: ImportOptions) -> _Target:
+    """The model's fields and settings, checked against the requested layout."""
+    fields = names.model_fields_from_hf(source.config)
+    fields.setdefault("moc_bank_seed", SEED)
+    if source.dense:
+        fields.update(memory_fields_from_flags(opts.moc_flags))
+    vocab = source.config["vocab_size"]
+    tp, pp, ep = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size
+    settings = model_settings_from_hf(source.config, pad_vocab_size(vocab, opts.make_vocab_size_divisible_by, tp))
     try:
-        args = _parse([*training_flags(config, opts, config["vocab_size"]), *mem, *layout])
-        megatron_config = transformer_config_from_args(args)
+        if fields["num_layers"] % pp:
+            raise ValueError(f"--num-layers {fields['num_layers']} is not divisible by --pipeline-model-parallel-size "
+                             f"{pp}")
+        config = build_model_config(fields, dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                  expert_model_parallel_size=ep))
     except ValueError as exc:
         raise ImportError_(f"the model does not fit the requested layout or memory: {exc}") from exc
-    settings = model_settings_from_args(args)
-    # The model is built and saved in this one process (layout-free global tensors).
-    local = _parse([*training_flags(config, opts, settings.vocab_size), *mem, "--make-vocab-size-divisible-by", "1"])
-    local_config = transformer_config_from_args(local)
+    fields = model_record(config, settings)["config"]  # every field, with MoCConfig's defaults and derivations
+    hf_view = dict(source.config)
+    if source.dense:
+        hf_view.update(names.hf_config_from_model(fields, dataclasses.asdict(settings)), vocab_size=vocab)
+    saved = saved_flags(fields, settings, vocab_size=vocab, seq_length=min(settings.max_sequence_length, 4096),
+                        make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by, seed=SEED,
+                        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
+    return _Target(fields, settings, config, hf_view, saved)
+
+
+def _build_model(target: _Target) -> torch.nn.Module:
+    """The model in this one process (layout-free global tensors), freshly initialised."""
+    from moc_megatron import platform
+    from moc_megatron.model.builder import build_model
+
     platform.initialize_distributed()
-    torch.manual_seed(local.seed)
-    model = build_model(local_config, model_settings_from_args(local))
-    hf_view = dict(config)
-    if dense:
-        signature = meta.model_signature(megatron_config, settings)
-        hf_view.update(names.hf_config_from_signature(signature, vars(args)), vocab_size=config["vocab_size"])
-    plan = names.parameter_plan(hf_view, settings.vocab_size)  # zero rows pad the vocabulary as training will
+    torch.manual_seed(SEED)
+    return build_model(build_model_config(target.fields), target.settings)
+
+
+def _copy_weights(source: _Source, target: _Target, model: torch.nn.Module) -> tuple[dict, int]:
+    """Copy every source tensor into the model's sharded state dict (new memory keeps its initialisation);
+    returns the state dict and how many Megatron tensors were copied."""
+    plan = names.parameter_plan(target.hf_view, target.settings.vocab_size)  # zero rows pad the vocabulary
     sharded = model.sharded_state_dict()
     by_key = {getattr(v, "key", None): v for v in sharded.values()}
     copied = 0
     for key, entries in names.group_by_key(plan):
-        target = by_key.get(key)
-        if target is None and torch.Size(names.megatron_shape(entries)).numel() == 0:
+        data = by_key.get(key)
+        if data is None and torch.Size(names.megatron_shape(entries)).numel() == 0:
             continue  # zero-size (no shared chapters): not part of a Megatron checkpoint
-        if target is None:
+        if data is None:
             raise ImportError_(f"internal: the Megatron model has no checkpoint key {key!r}")
-        if dense and any(_is_memory(e.hf_name) for e in entries):
+        if source.dense and any(_is_memory(e.hf_name) for e in entries):
             continue  # new memory: keep Megatron's initialisation (W_O = 0)
-        value = names.fuse({e.hf_name: _rows(tensors.get(e.hf_name), e) for e in entries}, entries, hf_view)
-        data = target.data
-        if tuple(value.shape) != tuple(data.shape):
-            raise ImportError_(f"{entries[0].hf_name}: shape {list(value.shape)}, the model needs {list(data.shape)}")
+        value = names.fuse({e.hf_name: _rows(source.tensors.get(e.hf_name), e) for e in entries}, entries,
+                           target.hf_view)
+        if tuple(value.shape) != tuple(data.data.shape):
+            raise ImportError_(f"{entries[0].hf_name}: shape {list(value.shape)}, the model needs "
+                               f"{list(data.data.shape)}")
         with torch.no_grad():
-            data.copy_(value.to(data.dtype))
+            data.data.copy_(value.to(data.data.dtype))
         copied += 1
-    if dense and not source.get("tie_word_embeddings", False) and "lm_head.weight" not in tensors.weight_map:
-        raise ImportError_(f"--hf {opts.hf}: untied model without lm_head.weight")
-    staging = staging_folder(opts.save)
+    untied = not source.config.get("tie_word_embeddings", False)
+    if source.dense and untied and "lm_head.weight" not in source.tensors.weight_map:
+        raise ImportError_(f"--hf {source.tensors.folder}: untied model without lm_head.weight")
+    return sharded, copied
+
+
+def _publish(save: str, sharded: dict, target: _Target, record: TokenizerRecord | None) -> None:
+    """Write ``iter_0000000`` and the tracker into a hidden staging folder, then rename it to ``save``."""
+    staging = staging_folder(save)
     shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.join(staging, meta.checkpoint_name(0)))
-    save_weights_checkpoint({"model": sharded}, args, megatron_config, settings,
-                            os.path.join(staging, meta.checkpoint_name(0)), record)
-    meta.write_tracker(staging, 0)
-    os.rename(staging, opts.save)
-    log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied"
-        + (f", memory layers {config.get('memory_layers') or args.moc_memory_layers} new (W_O = 0)" if dense else ""))
+    path = os.path.join(staging, checkpoint_name(0))
+    os.makedirs(path)
+    save_weights_checkpoint({"model": sharded}, target.config, target.settings, path, target.saved_args, record)
+    write_tracker(staging, 0)
+    os.rename(staging, save)
+
+
+def import_checkpoint(opts: ImportOptions, log=print) -> str:
+    """Write the Megatron checkpoint folder ``opts.save`` (``iter_0000000`` + tracker); return it.
+
+    Read the folder, derive the model's configuration, build the model, copy the weights, publish.
+    """
+    if os.path.exists(opts.save):
+        raise ImportError_(f"--save {opts.save} already exists; remove it or choose another folder")
+    source = _read_source(opts, log)
+    target = _target(source, opts)
+    model = _build_model(target)
+    sharded, copied = _copy_weights(source, target, model)
+    _publish(opts.save, sharded, target, source.record)
+    new = f", memory layers {target.fields['moc_memory_layers']} new (W_O = 0)" if source.dense else ""
+    log(f"[import] {opts.hf} -> {opts.save}/iter_0000000: {copied} tensors copied{new}")
     log("[import] train or finetune it with these model flags:\n  " + " ".join(
-        f for f in training_flags(config, opts, config["vocab_size"]) + mem))
+        training_flags(source.config, opts, source.config["vocab_size"]) + memory_flags(target.fields)))
     return opts.save
 
 
@@ -282,32 +375,23 @@ def hf_tokenizer_record(folder: str) -> TokenizerRecord | None:
     return None
 
 
-def save_weights_checkpoint(models: dict, args, config, settings, path: str,
-                            tokenizer_record: TokenizerRecord | None = None) -> None:
+def save_weights_checkpoint(models: dict, config: MoCConfig, settings: ModelSettings, path: str,
+                            saved_args: Mapping[str, Any], tokenizer_record: TokenizerRecord | None = None) -> None:
     """Collective ``dist_checkpointing.save`` of model chunks' sharded state dicts (``{"model": ...}``, or
-    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``,
-    recording ``tokenizer_record`` (checked by runs that load it)."""
+    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``.
+
+    ``saved_args`` are the flags stored with it (their parallel sizes are the layout it records);
+    ``tokenizer_record`` is checked by runs that load it.
+    """
     from megatron.core import dist_checkpointing
 
-    from moc_megatron.training import checkpoint_meta as meta
-    from moc_megatron.training import checkpointing
-    from moc_megatron.training.config_from_args import json_args
-
-    state = {
-        **models,
-        "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
-        "iteration": 0,
-        "train_state": {"consumed_train_samples": 0},
-        "args": json_args(args),
-        "model_signature": meta.model_signature(config, settings),
-        "parallel_layout": dict(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                dp=1, ep=args.expert_model_parallel_size,
-                                vpp=args.virtual_pipeline_model_parallel_size),
-        "optimizer_metadata": checkpointing.optimizer_metadata(args.use_distributed_optimizer,
-                                                               args.dist_ckpt_optim_fully_reshardable),
-        "saved_optimizer": False,
-        "saved_rng": False,
-    }
-    if tokenizer_record is not None:
-        state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
+    layout = dict(tp=saved_args.get("tensor_model_parallel_size", 1),
+                  pp=saved_args.get("pipeline_model_parallel_size", 1), dp=1,
+                  ep=saved_args.get("expert_model_parallel_size", 1),
+                  vpp=saved_args.get("virtual_pipeline_model_parallel_size"))
+    optimizer = optimizer_metadata(bool(saved_args.get("use_distributed_optimizer")),
+                                   bool(saved_args.get("dist_ckpt_optim_fully_reshardable")))
+    state = {**models, **common_state(iteration=0, consumed_train_samples=0, saved_args=saved_args, config=config,
+                                      settings=settings, parallel_layout=layout, optimizer=optimizer,
+                                      saved_optimizer=False, saved_rng=False, tokenizer_record=tokenizer_record)}
     dist_checkpointing.save(state, path)

@@ -8,7 +8,9 @@ group: the group's query heads, then its key head, then its value head) or of ``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,58 +56,80 @@ class Entry:
     """Rows of the Megatron tensor of a ``rows`` entry (the padded vocabulary)."""
 
 
-def hf_config_from_signature(signature: dict, args: dict) -> dict:
-    """``config.json`` fields of the Hugging Face model for a checkpoint's model signature and saved args.
+# config.json fields of the Hugging Face MoC model -> the MoCConfig field each holds. Export writes them from a
+# checkpoint's model record, import reads them back: the one place where both spell these names.
+HF_BACKBONE_FIELDS: dict[str, str] = {
+    "hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels", "rms_norm_eps": "layernorm_epsilon", "initializer_range": "init_method_std",
+    "qkv_bias": "add_qkv_bias", "qk_norm": "qk_layernorm", "reset_attention_mask": "reset_attention_mask",
+    "memory_layers": "moc_memory_layers",
+}
+HF_MEMORY_FIELDS: dict[str, str] = {
+    "num_chapters": "moc_num_chapters", "chapter_size": "moc_chapter_size",
+    "num_shared_chapters": "moc_num_shared_chapters", "memory_top_k": "moc_top_k",
+    "memory_num_heads": "moc_num_heads", "memory_num_kv_heads": "moc_num_query_groups", "bank_dim": "moc_bank_dim",
+    "routing_unit": "moc_routing_unit", "chunk_size": "moc_chunk_size", "gating": "moc_gating",
+    "routed_scaling_factor": "moc_routed_scaling_factor", "shared_bank": "moc_shared_bank",
+    "bank_init_std": "moc_bank_init_std",
+}
+# What the Hugging Face MoC model always is (config.json has no field for it): the fields a dense or MoC folder
+# imports with.
+HF_FIXED_FIELDS: dict[str, object] = {
+    "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": "silu", "add_bias_linear": False,
+}
+_FLOAT_FIELDS = ("layernorm_epsilon", "init_method_std", "moc_routed_scaling_factor", "moc_bank_init_std")
+
+
+def hf_config_from_model(fields: Mapping[str, Any], settings: Mapping[str, Any]) -> dict:
+    """``config.json`` fields of the Hugging Face model for a checkpoint's model record (``MoCConfig`` fields
+    and ``ModelSettings`` values).
 
     Raises :class:`UnsupportedModelError` for a backbone the HF model does not implement.
     """
     problems = []
-    if signature.get("normalization") != "RMSNorm":
-        problems.append(f"normalization {signature.get('normalization')!r} (only RMSNorm)")
-    if not signature.get("gated_linear_unit") or signature.get("activation_func") != "silu":
+    if fields.get("normalization") != "RMSNorm":
+        problems.append(f"normalization {fields.get('normalization')!r} (only RMSNorm)")
+    if not fields.get("gated_linear_unit") or fields.get("activation_func") != "silu":
         problems.append("an MLP that is not SwiGLU (--swiglu)")
-    if signature.get("add_bias_linear"):
+    if fields.get("add_bias_linear"):
         problems.append("linear biases (give --disable-bias-linear)")
     if problems:
         raise UnsupportedModelError("the Hugging Face MoC model does not support " + "; ".join(problems))
-    heads = signature["num_attention_heads"]
-    memory = list(signature.get("moc_memory_layers") or [])
-    config = dict(
-        vocab_size=signature["vocab_size"],
-        hidden_size=signature["hidden_size"],
-        intermediate_size=signature["ffn_hidden_size"],
-        num_hidden_layers=signature["num_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=signature.get("num_query_groups") or heads,
-        head_dim=signature.get("kv_channels") or signature["hidden_size"] // heads,
-        max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
-        rms_norm_eps=args.get("norm_epsilon", 1e-5),
-        rope_parameters=rope_parameters(signature["rotary_base"], signature.get("rope_scaling_factor")
-                                        if signature.get("rope_scaling") else None),
-        initializer_range=args.get("init_method_std", 0.02),
-        tie_word_embeddings=bool(signature["tie_embeddings"]),
-        qkv_bias=bool(signature.get("add_qkv_bias")),
-        qk_norm=bool(signature.get("qk_layernorm")),
-        reset_attention_mask=bool(signature.get("reset_attention_mask")),
-        memory_layers=sorted(memory),
+    heads = fields["num_attention_heads"]
+    config = {hf: fields.get(name) for hf, name in HF_BACKBONE_FIELDS.items()}
+    config.update(
+        vocab_size=settings["vocab_size"],
+        num_key_value_heads=config["num_key_value_heads"] or heads,
+        head_dim=config["head_dim"] or fields["hidden_size"] // heads,
+        max_position_embeddings=settings["max_sequence_length"],
+        rms_norm_eps=fields.get("layernorm_epsilon", 1e-5),
+        rope_parameters=rope_parameters(settings["rotary_base"], settings.get("rope_scaling_factor")
+                                        if settings.get("rope_scaling") else None),
+        initializer_range=fields.get("init_method_std", 0.02),
+        tie_word_embeddings=bool(settings["tie_embeddings"]),
+        qkv_bias=bool(config["qkv_bias"]),
+        qk_norm=bool(config["qk_norm"]),
+        reset_attention_mask=bool(config["reset_attention_mask"]),
+        memory_layers=sorted(config["memory_layers"] or []),
     )
-    if memory:
-        config.update(
-            num_chapters=signature["moc_num_chapters"],
-            chapter_size=signature["moc_chapter_size"],
-            num_shared_chapters=signature["moc_num_shared_chapters"],
-            memory_top_k=signature["moc_top_k"],
-            memory_num_heads=signature["moc_num_heads"],
-            memory_num_kv_heads=signature["moc_num_query_groups"],
-            bank_dim=signature["moc_bank_dim"],
-            routing_unit=signature["moc_routing_unit"],
-            chunk_size=signature["moc_chunk_size"],
-            gating=signature["moc_gating"],
-            routed_scaling_factor=signature["moc_routed_scaling_factor"],
-            shared_bank=bool(signature["moc_shared_bank"]),
-            bank_init_std=args.get("moc_bank_init_std") or 0.02,
-        )
+    if config["memory_layers"]:
+        config.update({hf: fields[name] for hf, name in HF_MEMORY_FIELDS.items() if name != "moc_bank_init_std"})
+        config.update(shared_bank=bool(config["shared_bank"]), bank_init_std=fields.get("moc_bank_init_std") or 0.02)
     return config
+
+
+def model_fields_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``MoCConfig`` fields of a Hugging Face MoC ``config.json`` (memory fields only when it has memory layers)."""
+    fields: dict[str, Any] = dict(HF_FIXED_FIELDS)
+    fields.update({name: config[hf] for hf, name in HF_BACKBONE_FIELDS.items() if hf in config})
+    if config.get("memory_layers"):
+        fields.update({name: config[hf] for hf, name in HF_MEMORY_FIELDS.items() if hf in config})
+    for name in _FLOAT_FIELDS:
+        if fields.get(name) is not None:
+            fields[name] = float(fields[name])
+    fields["moc_memory_layers"] = list(fields.get("moc_memory_layers") or [])
+    return fields
 
 
 def _vocab_entry(hf_name: str, key: str, vocab: int, padded: int | None, h: int) -> Entry:

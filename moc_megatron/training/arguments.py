@@ -2,8 +2,8 @@
 
 Precedence: an explicit flag > the ``--preset`` value > the built-in default. Flags that Megatron-LM
 has keep its name, meaning and default; ``--moc-*`` flags are generated from ``MoCConfig``
-(``moc_flags.py``). :func:`parse_args` also validates the combination and fills derived values
-(``validate_args.py``).
+(``config_flags.py``). :func:`parse_run_config` parses, validates (``validate_args.py``) and returns the
+run's :class:`RunConfig`; :func:`parse_args` returns the validated flags themselves.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from moc_megatron.config_flags import add_moc_config_flags, add_moc_training_flags
 from moc_megatron.data.tokenizer import TOKENIZER_TYPES
 from moc_megatron.presets import PRESETS, Preset, get_preset
 from moc_megatron.training.errors import EXIT_ARGUMENTS, exit_with_error
-from moc_megatron.training.moc_flags import add_moc_config_flags, add_moc_training_flags
+from moc_megatron.training.run_config import RunConfig
 from moc_megatron.training.validate_args import ArgumentsError, validate_args
 
 
@@ -312,10 +313,11 @@ def preset_defaults(preset: Preset, parser: argparse.ArgumentParser) -> dict[str
     return defaults
 
 
-def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
-               exit_on_error: bool = True, parser: argparse.ArgumentParser | None = None,
-               validate: Callable[[argparse.Namespace], None] = validate_args) -> argparse.Namespace:
-    """Parse, apply ``--preset``, validate and derive (``data_parallel_size``, ``num_microbatches``, ...).
+def parse_command_line(argv: Sequence[str] | None = None, world_size: int | None = None,
+                       exit_on_error: bool = True, parser: argparse.ArgumentParser | None = None,
+                       validate: Callable[[argparse.Namespace], RunConfig] = validate_args,
+                       ) -> tuple[argparse.Namespace, RunConfig]:
+    """Parse, apply ``--preset``, validate: the flags (with their derived values) and the run's :class:`RunConfig`.
 
     ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 without it). With ``exit_on_error`` a bad
     combination prints the message and exits with status 2; otherwise :class:`ArgumentsError` is raised.
@@ -332,9 +334,24 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
             raise SystemExit(0)
         args = parser.parse_args(argv)
         args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        validate(args)
+        run = validate(args)
     except ArgumentsError as exc:
         if exit_on_error:
             parser.error(str(exc))
         raise
-    return args
+    return args, run
+
+
+def parse_run_config(argv: Sequence[str] | None = None, world_size: int | None = None, exit_on_error: bool = True,
+                     parser: argparse.ArgumentParser | None = None,
+                     validate: Callable[[argparse.Namespace], RunConfig] = validate_args) -> RunConfig:
+    """The :class:`RunConfig` of a command line (what the entry scripts run); see :func:`parse_command_line`."""
+    return parse_command_line(argv, world_size, exit_on_error, parser, validate)[1]
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None, exit_on_error: bool = True,
+               parser: argparse.ArgumentParser | None = None,
+               validate: Callable[[argparse.Namespace], RunConfig] = validate_args) -> argparse.Namespace:
+    """The validated flags with their derived values (``data_parallel_size``, ``num_microbatches``, ...), as
+    Megatron-LM's ``parse_args``; see :func:`parse_command_line`."""
+    return parse_command_line(argv, world_size, exit_on_error, parser, validate)[0]

@@ -1,17 +1,18 @@
 """Save and resume training with megatron-core's ``dist_checkpointing`` (torch_dist format).
 
 A checkpoint holds the model (``model``, or ``model0``, ``model1``, ... per virtual stage), the optimizer,
-the LR scheduler, every rank's RNG states, the iteration, the data position (``consumed_train_samples``),
-the parsed arguments (:attr:`RunConfig.saved_args`) and the model signature. Model weights are stored as
+the LR scheduler, every rank's RNG states, and the common state of :mod:`moc_megatron.checkpoint.metadata`
+(iteration, data position, the flags, the model as data and its signature). Model weights are stored as
 global tensors, so they load at any TP/PP/EP layout; a checkpoint whose model differs from the flags is
-refused with the list of flags that disagree. See :mod:`moc_megatron.training.checkpoint_meta` for the
-layout and the crash-safe publication of a save. The optimizer-state adaptations to megatron-core
-without TE/Apex live in :mod:`moc_megatron.platform.optimizer_state`.
+refused with the list of flags that disagree. A resume is planned first (:func:`plan_load`: what to load,
+what disagrees, what to say) and then carried out (:func:`carry_out`). See
+:mod:`moc_megatron.checkpoint.layout` for the layout and the crash-safe publication of a save. The
+optimizer-state adaptations to megatron-core without TE/Apex live in
+:mod:`moc_megatron.platform.optimizer_state`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -28,25 +29,25 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.utils import unwrap_model
 
-from moc_megatron.config import MoCConfig
-from moc_megatron.data.tokenizer_record import (
-    CHECKPOINT_KEY,
-    TokenizerRecord,
-    check_same_tokenizer,
-    record_from_checkpoint_state,
+from moc_megatron.checkpoint.layout import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    checkpoint_path,
+    publish_checkpoint,
+    resolve_load,
+    staging_path,
 )
+from moc_megatron.checkpoint.metadata import common_state, optimizer_metadata
+from moc_megatron.checkpoint.signature import model_signature, signature_mismatches
+from moc_megatron.config import MoCConfig
+from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, record_from_checkpoint_state
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform import optimizer_state, reshardable_optimizer
 from moc_megatron.platform.megatron_versions import align_saved_param_groups, read_common_state
-from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError
-from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.run_config import CheckpointConfig, RunConfig, ScheduleConfig
 from moc_megatron.training.save_queue import install_save_results_queue, writer_children_die_with_rank
-
-CHECKPOINT_VERSION = 3.0
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -62,14 +63,6 @@ def parallel_layout() -> dict[str, int | None]:
         ep=parallel_state.get_expert_model_parallel_world_size(),
         vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
     )
-
-
-def optimizer_metadata(use_distributed_optimizer: bool, fully_reshardable: bool) -> dict:
-    """megatron's optimizer ``sharded_state_dict`` metadata (stored with the checkpoint, compared on load)."""
-    metadata = {"chained_optim_avoid_prefix": True}
-    if use_distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
-    return metadata
 
 
 def _optimizer_metadata(run: RunConfig) -> dict:
@@ -134,17 +127,15 @@ def _state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | Non
     return state
 
 
-def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: list[torch.nn.Module],
-                    optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
-                    settings: ModelSettings, consumed_train_samples: int,
-                    tokenizer_record: TokenizerRecord | None = None) -> str:
+def save_checkpoint(run: RunConfig, iteration: int, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                    scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
+                    consumed_train_samples: int, tokenizer_record: TokenizerRecord | None = None) -> str:
     """Save to ``{--save}/iter_XXXXXXX`` (collective) and then point the tracker at it; return the path.
 
     ``tokenizer_record`` (the run's tokenizer) is stored under ``"tokenizer"`` in the common state."""
-    run = as_run_config(run)
     ckpt = run.checkpointing
     root = ckpt.save
-    staging = meta.staging_path(root, iteration)
+    staging = staging_path(root, iteration)
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -152,27 +143,18 @@ def save_checkpoint(run: RunConfig | argparse.Namespace, iteration: int, model: 
     dist.barrier()
     state = _state_dict(model, None if ckpt.no_save_optim else optimizer, scheduler, not ckpt.no_save_rng,
                         run, is_loading=False)
-    state.update(
-        checkpoint_version=CHECKPOINT_VERSION,
-        iteration=iteration,
-        train_state={"consumed_train_samples": consumed_train_samples},
-        args=dict(run.saved_args),
-        model_signature=meta.model_signature(config, settings),
-        parallel_layout=parallel_layout(),
-        optimizer_metadata=_optimizer_metadata(run),
-        saved_optimizer=not ckpt.no_save_optim,
-        saved_rng=not ckpt.no_save_rng,
-    )
-    if tokenizer_record is not None:
-        state[CHECKPOINT_KEY] = tokenizer_record.to_dict()
+    state.update(common_state(
+        iteration=iteration, consumed_train_samples=consumed_train_samples, saved_args=run.saved_args,
+        config=config, settings=settings, parallel_layout=parallel_layout(), optimizer=_optimizer_metadata(run),
+        saved_optimizer=not ckpt.no_save_optim, saved_rng=not ckpt.no_save_rng, tokenizer_record=tokenizer_record))
     install_save_results_queue()
     with writer_children_die_with_rank():
         dist_checkpointing.save(state, staging)
     dist.barrier()
     maybe_stall_save(iteration)
-    final = meta.checkpoint_path(root, iteration)
+    final = checkpoint_path(root, iteration)
     if dist.get_rank() == 0:
-        meta.publish_checkpoint(root, iteration)
+        publish_checkpoint(root, iteration)
     dist.barrier()
     return final
 
@@ -196,12 +178,12 @@ def _same_folder(a: str | None, b: str | None) -> bool:
 def resolve_load_arg(ckpt: CheckpointConfig) -> tuple[str, int] | None:
     """``(checkpoint folder, iteration)`` that ``--load`` names, or ``None`` to start from scratch.
 
-    See :func:`checkpoint_meta.resolve_load`; ``--exit-on-missing-checkpoint`` turns "nothing to load"
+    See :func:`moc_megatron.checkpoint.layout.resolve_load`; ``--exit-on-missing-checkpoint`` turns "nothing to load"
     into an error.
     """
     if ckpt.load is None:
         return None
-    found = meta.resolve_load(ckpt.load, own_save=_same_folder(ckpt.load, ckpt.save))
+    found = resolve_load(ckpt.load, own_save=_same_folder(ckpt.load, ckpt.save))
     if found is None and ckpt.exit_on_missing_checkpoint:
         raise CheckpointNotFoundError(f"--load {ckpt.load}: no checkpoint (--exit-on-missing-checkpoint)")
     return found
@@ -267,53 +249,55 @@ class LoadedCheckpoint:
     run: RunConfig
 
 
-def load_checkpoint(run: RunConfig | argparse.Namespace, model: list[torch.nn.Module],
-                    optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, config: MoCConfig,
-                    settings: ModelSettings, tokenizer_record: TokenizerRecord | None = None) -> tuple[int, int]:
-    """Resume from ``--load`` (collective); return ``(iteration, consumed_train_samples)``.
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a resume reads from a checkpoint, decided before anything is read but its common state."""
 
-    :func:`load_training_state` for callers that need no updated configuration; given the parsed flags,
-    an adopted ``--lr-decay-iters`` is written back to them (as the flags of the resumed run).
-    """
-    loaded = load_training_state(as_run_config(run), model, optimizer, scheduler, config, settings,
-                                 tokenizer_record)
-    if isinstance(run, argparse.Namespace):
-        run.lr_decay_iters = loaded.run.schedule.lr_decay_iters
-    return loaded.iteration, loaded.consumed_train_samples
+    path: str
+    iteration: int
+    """The iteration the run starts at (0 with ``--finetune``)."""
+    consumed_train_samples: int
+    """The data position the run starts at (0 with ``--finetune``)."""
+    saved_consumed_train_samples: int
+    """The checkpoint's data position (the LR scheduler is stepped to it when its state is not loaded)."""
+    load_optimizer: bool
+    load_rng: bool
+    optimizer_metadata: dict | None
+    """The format the optimizer state was saved in (``None`` when it is not loaded)."""
+    weights_only: bool
+    """``--finetune``: the weights and nothing else."""
+    loaded_note: str
+    """The log line once loaded."""
+    notes: tuple[str, ...] = ()
+    """Log lines before loading: what is skipped and why."""
 
 
-def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
-                        scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
-                        tokenizer_record: TokenizerRecord | None = None) -> LoadedCheckpoint:
-    """Resume from ``--load`` (collective).
+def plan_load(run: RunConfig, path: str, iteration: int, common: dict, layout: dict, signature: dict,
+              tokenizer_record: TokenizerRecord | None = None) -> LoadPlan:
+    """Decide what to load from the checkpoint at ``path`` (``common``: its common state) into this run
+    (``layout``: its :func:`parallel_layout`, ``signature``: its model signature); no I/O, no collectives.
 
-    Iteration and position ``(0, 0)`` when there is nothing to load (see :func:`resolve_load_arg`).
+    Raises :class:`CheckpointMismatchError` for another model or an optimizer state that cannot load here, and
+    ``TokenizerMismatchError`` when the checkpoint's tokenizer differs from ``tokenizer_record``.
     ``--finetune`` loads only the weights and starts at 0; ``--no-load-optim``/``--no-load-rng`` skip those
-    parts. RNG states are skipped (with a note) when the checkpoint was saved at a different parallel
-    layout. A checkpoint whose stored tokenizer differs from ``tokenizer_record`` raises
-    ``TokenizerMismatchError``.
+    parts. RNG states are skipped (with a note) when the checkpoint was saved at another parallel layout.
     """
     ckpt = run.checkpointing
-    found = resolve_load_arg(ckpt)
-    if found is None:
-        if ckpt.load is not None:
-            print_rank_0(f" > no checkpoint in {ckpt.load}: starting from scratch")
-        return LoadedCheckpoint(0, 0, run)
-    path, iteration = found
-    common = read_common_state(path)
-    mismatches = meta.signature_mismatches(common["model_signature"], meta.model_signature(config, settings))
+    mismatches = signature_mismatches(common["model_signature"], signature)
     if mismatches:
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved for a different model; these settings disagree:\n" + "\n".join(mismatches))
     if tokenizer_record is not None:
         check_same_tokenizer(tokenizer_record, f"this run's --tokenizer-model {run.data.tokenizer_model}",
                              record_from_checkpoint_state(common), f"checkpoint {path}")
-    load_optim = common.get("saved_optimizer", False) and not (ckpt.no_load_optim or ckpt.finetune)
-    same_layout = common.get("parallel_layout") == parallel_layout()
-    load_rng = common.get("saved_rng", False) and same_layout and not (ckpt.no_load_rng or ckpt.finetune)
-    if common.get("saved_rng") and not same_layout and not (ckpt.no_load_rng or ckpt.finetune):
-        print_rank_0(f" checkpoint parallel layout {common.get('parallel_layout')} differs from this run's "
-                     f"{parallel_layout()}: RNG states not restored")
+    weights_only = ckpt.finetune
+    load_optim = common.get("saved_optimizer", False) and not (ckpt.no_load_optim or weights_only)
+    want_rng = common.get("saved_rng", False) and not (ckpt.no_load_rng or weights_only)
+    saved_layout = common.get("parallel_layout")
+    notes = []
+    if want_rng and saved_layout != layout:
+        notes.append(f" checkpoint parallel layout {saved_layout} differs from this run's {layout}: "
+                     "RNG states not restored")
     # The optimizer state loads in the format it was saved in (as Megatron-LM); only the optimizer kind must agree.
     saved_optim = common.get("optimizer_metadata") or {}
     if load_optim and ("distrib_optim_sharding_type" in saved_optim) != bool(run.parallel.use_distributed_optimizer):
@@ -321,23 +305,56 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
             f"checkpoint {path} stored its optimizer as {saved_optim} but this run uses {_optimizer_metadata(run)} "
             "(--use-distributed-optimizer); give the same flag or --no-load-optim")
     if load_optim and saved_optim.get("distrib_optim_sharding_type") == "dp_reshardable" and \
-            not _same_model_parallel_layout(common.get("parallel_layout") or {}, parallel_layout()):
+            not _same_model_parallel_layout(saved_layout or {}, layout):
         raise CheckpointMismatchError(
-            f"checkpoint {path} holds distributed-optimizer state saved at {_layout_name(common['parallel_layout'])} "
+            f"checkpoint {path} holds distributed-optimizer state saved at {_layout_name(saved_layout)} "
             f"(dp_reshardable), which loads only at the same TP/PP/EP/VPP sizes, not at this run's "
-            f"{_layout_name(parallel_layout())}: resume with --no-load-optim (fresh optimizer state) or at the saved "
+            f"{_layout_name(layout)}: resume with --no-load-optim (fresh optimizer state) or at the saved "
             "layout; checkpoints saved with --dist-ckpt-optim-fully-reshardable load at any layout")
-    state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, run, is_loading=True,
-                        optimizer_metadata=saved_optim if load_optim else None)
+    consumed = common["train_state"]["consumed_train_samples"]
+    loaded_note = (f" loaded weights from {path} (--finetune: starting at iteration 0)" if weights_only
+                   else f" loaded checkpoint {path} at iteration {iteration}")
+    return LoadPlan(path=path, iteration=0 if weights_only else iteration,
+                    consumed_train_samples=0 if weights_only else consumed, saved_consumed_train_samples=consumed,
+                    load_optimizer=load_optim, load_rng=want_rng and saved_layout == layout,
+                    optimizer_metadata=saved_optim if load_optim else None, weights_only=weights_only,
+                    loaded_note=loaded_note, notes=tuple(notes))
+
+
+def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                        scheduler: OptimizerParamScheduler, config: MoCConfig, settings: ModelSettings,
+                        tokenizer_record: TokenizerRecord | None = None) -> LoadedCheckpoint:
+    """Resume from ``--load`` (collective): :func:`plan_load`, then :func:`carry_out`.
+
+    Iteration and position ``(0, 0)`` when there is nothing to load (see :func:`resolve_load_arg`).
+    """
+    found = resolve_load_arg(run.checkpointing)
+    if found is None:
+        if run.checkpointing.load is not None:
+            print_rank_0(f" > no checkpoint in {run.checkpointing.load}: starting from scratch")
+        return LoadedCheckpoint(0, 0, run)
+    path, iteration = found
+    plan = plan_load(run, path, iteration, read_common_state(path), parallel_layout(),
+                     model_signature(config, settings), tokenizer_record)
+    return carry_out(plan, run, model, optimizer, scheduler)
+
+
+def carry_out(plan: LoadPlan, run: RunConfig, model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+              scheduler: OptimizerParamScheduler) -> LoadedCheckpoint:
+    """Load what ``plan`` says into the model, optimizer, scheduler and RNGs (collective)."""
+    for note in plan.notes:
+        print_rank_0(note)
+    state = _state_dict(model, optimizer if plan.load_optimizer else None, scheduler, plan.load_rng, run,
+                        is_loading=True, optimizer_metadata=plan.optimizer_metadata)
     with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
         warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
-        loaded = dist_checkpointing.load(state, path)
+        loaded = dist_checkpointing.load(state, plan.path)
     for key, chunk in zip(_model_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
-    if load_optim:
+    if plan.load_optimizer:
         # The schedule is checked against the flags first: megatron-core 0.19 matches param groups by
         # their LR too, and would refuse a changed --lr with its own error before ours.
-        adopted = _reconcile_scheduler(run.schedule, scheduler, loaded["opt_param_scheduler"], path)
+        adopted = _reconcile_scheduler(run.schedule, scheduler, loaded["opt_param_scheduler"], plan.path)
         align_saved_param_groups(optimizer, loaded["optimizer"],
                                  keep_checkpoint_values=run.schedule.use_checkpoint_opt_param_scheduler)
         with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's
@@ -349,13 +366,10 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()  # the fp32 main weights follow the loaded model weights
-        if not ckpt.finetune:
-            scheduler.step(increment=common["train_state"]["consumed_train_samples"])
-    if load_rng:
+        if not plan.weights_only:
+            scheduler.step(increment=plan.saved_consumed_train_samples)
+    if plan.load_rng:
         _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank()])
     dist.barrier()
-    if ckpt.finetune:
-        print_rank_0(f" loaded weights from {path} (--finetune: starting at iteration 0)")
-        return LoadedCheckpoint(0, 0, run)
-    print_rank_0(f" loaded checkpoint {path} at iteration {iteration}")
-    return LoadedCheckpoint(iteration, common["train_state"]["consumed_train_samples"], run)
+    print_rank_0(plan.loaded_note)
+    return LoadedCheckpoint(plan.iteration, plan.consumed_train_samples, run)

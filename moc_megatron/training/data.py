@@ -13,7 +13,6 @@ validation split, so successive evaluations are comparable.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ from moc_megatron import platform
 from moc_megatron.data.dataset_check import check_indexed_dataset
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
 from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
-from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.run_config import DataConfig, RunConfig
 
 
@@ -152,9 +150,8 @@ def split_sizes(run: RunConfig) -> list[int]:
     return [run.schedule.train_iters * gbs, eval_samples, eval_samples]
 
 
-def build_datasets(run: RunConfig | argparse.Namespace, tokenizer) -> tuple:
+def build_datasets(run: RunConfig, tokenizer) -> tuple:
     """``(train, valid, test)`` datasets (``None`` where a split is empty or this rank needs no data)."""
-    run = as_run_config(run)
     sizes = split_sizes(run)
     config = dataset_config(run.data, run.seed, tokenizer)
     cls = MockGPTDataset if config.mock else GPTDataset
@@ -182,11 +179,10 @@ def _loader(dataset, consumed_samples: int, run: RunConfig) -> torch.utils.data.
     )
 
 
-def data_iterators(dataset, consumed_samples: int, run: RunConfig | argparse.Namespace, num_chunks: int) -> list:
+def data_iterators(dataset, consumed_samples: int, run: RunConfig, num_chunks: int) -> list:
     """One iterator per model chunk (the interleaved schedule reads each chunk's own), or ``None``s."""
     if dataset is None:
         return [None] * num_chunks
-    run = as_run_config(run)
     return [iter(_loader(dataset, consumed_samples, run)) for _ in range(num_chunks)]
 
 

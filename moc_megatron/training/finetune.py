@@ -24,10 +24,9 @@ import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from moc_megatron import platform
+from moc_megatron.checkpoint.layout import CheckpointNotFoundError, resolve_load
 from moc_megatron.data.sft_dataset import SFTDataset, packed_attention_mask
-from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training.arguments import build_parser, parse_args
-from moc_megatron.training.config_from_args import as_run_config
+from moc_megatron.training.arguments import build_parser, parse_args, parse_run_config
 from moc_megatron.training.data import split_sizes
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.run_config import CheckpointConfig, RunConfig
@@ -76,7 +75,7 @@ Most used flags (all flags, grouped, below; the IFT recipe at the end):
     return parser
 
 
-def validate_finetune_args(args: argparse.Namespace) -> None:
+def validate_finetune_args(args: argparse.Namespace) -> RunConfig:
     """:func:`validate_args` with ``--sft-data-path`` (checked here) as the data source."""
     if args.sft_data_path is None:
         raise ArgumentsError("finetune_moc.py needs --sft-data-path (the output prefix of tools/preprocess_sft.py)")
@@ -90,8 +89,9 @@ def validate_finetune_args(args: argparse.Namespace) -> None:
         raise ArgumentsError("--sft-data-path needs --tokenizer-type and --tokenizer-model (those of the data)")
     if args.pretrained_checkpoint is None and args.load is None:
         raise ArgumentsError("give --pretrained-checkpoint (or --load to resume a finetuning run)")
-    validate_args(args, data_source_checked=True)
+    run = validate_args(args, data_source_checked=True)
     sft_split(args.split, 1)  # the --split string parses
+    return run
 
 
 def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | None = None,
@@ -99,6 +99,13 @@ def parse_finetune_args(argv: Sequence[str] | None = None, world_size: int | Non
     """As :func:`arguments.parse_args`, for ``finetune_moc.py``."""
     return parse_args(argv, world_size, exit_on_error, parser=build_finetune_parser(),
                       validate=validate_finetune_args)
+
+
+def parse_finetune_run_config(argv: Sequence[str] | None = None, world_size: int | None = None,
+                              exit_on_error: bool = True) -> RunConfig:
+    """As :func:`arguments.parse_run_config`, for ``finetune_moc.py``."""
+    return parse_run_config(argv, world_size, exit_on_error, parser=build_finetune_parser(),
+                            validate=validate_finetune_args)
 
 
 def _start(ckpt: CheckpointConfig) -> tuple[str, dict[str, Any]]:
@@ -109,12 +116,12 @@ def _start(ckpt: CheckpointConfig) -> tuple[str, dict[str, Any]]:
     """
     own = ckpt.save is not None and ckpt.load is not None and \
         os.path.realpath(ckpt.save) == os.path.realpath(ckpt.load)
-    if ckpt.load is not None and meta.resolve_load(ckpt.load, own_save=own) is not None:
+    if ckpt.load is not None and resolve_load(ckpt.load, own_save=own) is not None:
         return "resume", {}
     if ckpt.pretrained_checkpoint is None:
-        raise meta.CheckpointNotFoundError(f"--load {ckpt.load}: no checkpoint, and no --pretrained-checkpoint")
-    if meta.resolve_load(ckpt.pretrained_checkpoint, "--pretrained-checkpoint") is None:
-        raise meta.CheckpointNotFoundError(
+        raise CheckpointNotFoundError(f"--load {ckpt.load}: no checkpoint, and no --pretrained-checkpoint")
+    if resolve_load(ckpt.pretrained_checkpoint, "--pretrained-checkpoint") is None:
+        raise CheckpointNotFoundError(
             f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no checkpoint there "
             f"(give a pretrain_moc.py --save folder or one of its iter_* folders)")
     return "pretrained", {"load": ckpt.pretrained_checkpoint, "finetune": True}
@@ -124,14 +131,6 @@ def start_run(run: RunConfig) -> tuple[str, RunConfig]:
     """``"resume"`` or ``"pretrained"``, and the run pointed at what to load (``--load``, ``--finetune``)."""
     start, changes = _start(run.checkpointing)
     return start, run.replace("checkpointing", **changes) if changes else run
-
-
-def resolve_start(args: argparse.Namespace) -> str:
-    """:func:`start_run` on parsed flags: point ``args.load`` at what to load; ``"resume"`` or ``"pretrained"``."""
-    start, changes = _start(as_run_config(args).checkpointing)
-    for name, value in changes.items():
-        setattr(args, name, value)
-    return start
 
 
 def sft_split(split: str, num_samples: int) -> list[range]:
@@ -173,12 +172,11 @@ class RepeatedSplit(torch.utils.data.Dataset):
         return self.dataset[int(self._order(epoch)[pos])]
 
 
-def build_sft_datasets(run: RunConfig | argparse.Namespace, tokenizer=None) -> tuple:
+def build_sft_datasets(run: RunConfig, tokenizer=None) -> tuple:
     """``(train, valid, test)`` over ``--sft-data-path`` (``None`` for an empty split).
 
     Built on every rank: middle pipeline stages need the segment ids for the attention mask.
     """
-    run = as_run_config(run)
     data = run.data
     base = SFTDataset(data.sft_data_path, data.seq_length)
     out = []
@@ -231,11 +229,11 @@ def _print_first_rank(message: str) -> None:
         print(message, flush=True)
 
 
-def finetune(run: RunConfig | argparse.Namespace):
+def finetune(run: RunConfig):
     """Instruction-tune; returns the loop's ``PretrainResult``."""
     from moc_megatron.training.loop import pretrain
 
-    start, run = start_run(as_run_config(run))
+    start, run = start_run(run)
     if start == "pretrained":
         _print_first_rank(f" > finetuning from pretrained weights {run.checkpointing.pretrained_checkpoint} "
                           "(iteration 0)")

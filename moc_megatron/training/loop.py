@@ -1,11 +1,10 @@
 """``pretrain``: the whole run, from process groups to the final checkpoint.
 
-The run is described by a :class:`RunConfig` (``pretrain`` builds it from parsed flags if given those).
+The run is described by a :class:`RunConfig` (:func:`moc_megatron.training.arguments.parse_run_config`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -16,13 +15,13 @@ import torch
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
 from moc_megatron import platform
+from moc_megatron.checkpoint.layout import check_save_target
 from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_from_tokenizer
 from moc_megatron.parallel.bank_group import destroy_bank_groups
 from moc_megatron.platform.distributed import restart_round
-from moc_megatron.training.checkpoint_meta import check_save_target
 from moc_megatron.training.checkpointing import load_training_state, save_checkpoint
-from moc_megatron.training.config_from_args import as_run_config, run_model_settings
+from moc_megatron.training.config_from_args import run_model_settings
 from moc_megatron.training.data import (
     DatasetTokenizer,
     build_datasets,
@@ -61,9 +60,9 @@ class PretrainResult:
     """Iterations whose optimizer step was skipped for a NaN/Inf loss (``--skip-nan-loss-iterations``)."""
 
 
-def _tokenizer(run: RunConfig | argparse.Namespace) -> tuple[DatasetTokenizer, int | None]:
+def _tokenizer(run: RunConfig) -> tuple[DatasetTokenizer, int | None]:
     """The datasets' view of the tokenizer, and its vocabulary size (``None`` without a tokenizer)."""
-    tokenizer, vocab, _ = _tokenizer_and_record(as_run_config(run).data)
+    tokenizer, vocab, _ = _tokenizer_and_record(run.data)
     return tokenizer, vocab
 
 
@@ -156,14 +155,12 @@ def _resume_hint(run: RunConfig, path: str) -> str:
             f"{run.schedule.lr_decay_iters}) is kept; add --override-opt_param-scheduler to re-plan it)")
 
 
-def pretrain(run: RunConfig | argparse.Namespace, datasets_provider=None, forward_step_func=None) -> PretrainResult:
+def pretrain(run: RunConfig, datasets_provider=None, forward_step_func=None) -> PretrainResult:
     """Train for ``--train-iters`` iterations (resuming from ``--load``); collective over all ranks.
 
-    ``run`` is the run's :class:`RunConfig` (or the parsed flags, turned into one here).
     ``datasets_provider(run, tokenizer) -> (train, valid, test)`` replaces :func:`build_datasets` and
     ``forward_step_func`` replaces :func:`train_step.forward_step` (both used by ``finetune_moc.py``).
     """
-    run = as_run_config(run)
     ckpt = run.checkpointing
     check_save_target(ckpt.save, ckpt.load, ckpt.finetune)  # before anything is built or written
     datasets_provider = datasets_provider or build_datasets

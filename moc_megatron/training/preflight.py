@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moc_megatron.training.arguments import build_parser, parse_args
-from moc_megatron.training.config_from_args import build_run_config
+from moc_megatron.training.arguments import build_parser, parse_run_config
 from moc_megatron.training.errors import run_entry_point
 from moc_megatron.training.loop import check_inputs
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     """Validate ``argv`` as ``pretrain_moc.py`` flags for ``WORLD_SIZE`` ranks and check the input files."""
     parser = build_parser()
     parser.prog = PROG
-    run = build_run_config(parse_args(argv, parser=parser))
+    run = parse_run_config(argv, parser=parser)
     run_entry_point(PROG, lambda: check_inputs(run.data))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"{PROG}: flags and inputs checked for {world_size} ranks", file=sys.stderr, flush=True)

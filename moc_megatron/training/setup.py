@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import re
@@ -24,7 +23,7 @@ from moc_megatron.parallel.bank_group import (
     initialize_bank_groups,
     mark_bank_parameters,
 )
-from moc_megatron.training.config_from_args import as_run_config, ddp_config, optimizer_config
+from moc_megatron.training.config_from_args import ddp_config, optimizer_config
 from moc_megatron.training.optimizer import build_optimizer, freeze_bank
 from moc_megatron.training.run_config import RunConfig
 from moc_megatron.training.schedule import build_scheduler
@@ -61,9 +60,8 @@ def quiet_inapplicable_notices() -> None:
             log.addFilter(_DropMessages(patterns))
 
 
-def initialize(run: RunConfig | argparse.Namespace) -> None:
+def initialize(run: RunConfig) -> None:
     """torch.distributed + megatron-core parallel state for the run's layout, then the seeds."""
-    run = as_run_config(run)
     quiet_inapplicable_notices()
     par = run.parallel
     platform.initialize_distributed(
@@ -93,7 +91,7 @@ class TrainingStack:
     scheduler: OptimizerParamScheduler
 
 
-def build_training_stack(run: RunConfig | argparse.Namespace, config: MoCConfig,
+def build_training_stack(run: RunConfig, config: MoCConfig,
                          settings: ModelSettings) -> TrainingStack:
     """Build the chunks, freeze the bank if asked, set up the bank group, wrap in DDP, build the optimizer.
 
@@ -101,7 +99,6 @@ def build_training_stack(run: RunConfig | argparse.Namespace, config: MoCConfig,
     ``grad_scale_func``, ``finalize_model_grads_func`` (megatron's, plus the bank-group all-reduce),
     ``no_sync_func``/``param_sync_func`` when communication overlaps computation.
     """
-    run = as_run_config(run)
     chunks = build_model_chunks(config, settings)
     for chunk in chunks:
         for param in chunk.parameters():

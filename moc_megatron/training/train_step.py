@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import partial
 
@@ -14,7 +13,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from moc_megatron.memory.aux_losses import set_aux_loss_scale
-from moc_megatron.training.config_from_args import as_run_config
 from moc_megatron.training.data import get_batch, needs_document_ids
 from moc_megatron.training.nan_check import local_losses_nonfinite, on_any_rank
 from moc_megatron.training.run_config import RunConfig, ScheduleConfig
@@ -92,14 +90,13 @@ def _run_schedule(schedule: ScheduleConfig, seq_length: int, data_iterators: lis
     )
 
 
-def train_step(run: RunConfig | argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+def train_step(run: RunConfig, data_iterators: list, model: list[torch.nn.Module],
                optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                forward_step_func=forward_step) -> StepResult:
     """Forward/backward over ``num_microbatches`` micro-batches, gradient finalisation, optimizer step.
 
     ``forward_step_func`` is megatron's forward step (default :func:`forward_step`; SFT passes its own).
     """
-    run = as_run_config(run)
     schedule = run.schedule
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -119,10 +116,9 @@ def train_step(run: RunConfig | argparse.Namespace, data_iterators: list, model:
     return StepResult(reduce_losses(losses), grad_norm, bool(update_successful), num_zeros)
 
 
-def evaluate(run: RunConfig | argparse.Namespace, data_iterators: list, model: list[torch.nn.Module],
+def evaluate(run: RunConfig, data_iterators: list, model: list[torch.nn.Module],
              forward_step_func=forward_step) -> dict[str, float]:
     """Forward-only loss over ``--eval-iters`` global batches (on the last stage; ``{}`` elsewhere)."""
-    run = as_run_config(run)
     for chunk in model:
         chunk.eval()
     collected: list[dict] = []

@@ -1,10 +1,12 @@
-"""Checks on a parsed ``pretrain_moc.py`` command line, and the values derived from it."""
+"""Checks on a parsed ``pretrain_moc.py`` command line, the values derived from it, and its :class:`RunConfig`."""
 
 from __future__ import annotations
 
 import argparse
 
 from moc_megatron.errors import MoCError
+from moc_megatron.training.config_from_args import build_run_config
+from moc_megatron.training.run_config import RunConfig
 
 
 class ArgumentsError(MoCError, ValueError):
@@ -208,8 +210,10 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ArgumentsError("--log-interval and --eval-interval must be positive")
 
 
-def validate_args(args: argparse.Namespace, data_source_checked: bool = False) -> None:
-    """Raise :class:`ArgumentsError` for a bad combination; fill derived values in place.
+def validate_args(args: argparse.Namespace, data_source_checked: bool = False) -> RunConfig:
+    """The :class:`RunConfig` of a parsed command line; :class:`ArgumentsError` for a bad combination.
+
+    Derived values are filled into ``args`` first (the flags a checkpoint stores include them).
 
     ``data_source_checked``: the caller has checked its own data source (``finetune_moc.py``'s
     ``--sft-data-path``); the ``--data-path``/``--mock-data`` checks are skipped and there is no blend.
@@ -217,9 +221,8 @@ def validate_args(args: argparse.Namespace, data_source_checked: bool = False) -
     Derived: ``data_parallel_size``, ``num_microbatches``, ``virtual_pipeline_model_parallel_size``
     (from ``--num-layers-per-virtual-pipeline-stage``), ``global_batch_size``, ``lr_decay_iters``,
     ``ffn_hidden_size``, ``num_query_groups``, ``max_position_embeddings``, ``data_blend``,
-    ``data_blend_per_split``, ``moc_bank_seed`` (from ``--seed``). The model configuration is built once
-    here so that its own checks (memory layers, chapters, top-k, head counts) fail before any process
-    group exists.
+    ``data_blend_per_split``, ``moc_bank_seed`` (from ``--seed``). Building the model configuration here
+    makes its own checks (memory layers, chapters, top-k, head counts) fail before any process group exists.
     """
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
              "train_iters", "lr")
@@ -236,10 +239,7 @@ def validate_args(args: argparse.Namespace, data_source_checked: bool = False) -
     else:
         _validate_data(args)
     _validate_checkpointing(args)
-
-    from moc_megatron.training.config_from_args import transformer_config_from_args
-
     try:
-        transformer_config_from_args(args)
+        return build_run_config(args)
     except (ValueError, AssertionError) as exc:
         raise ArgumentsError(f"invalid model configuration: {exc}") from exc

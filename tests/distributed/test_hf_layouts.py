@@ -35,21 +35,21 @@ def _resave_worker() -> None:
     from megatron.core import dist_checkpointing
 
     from moc_megatron import platform
+    from moc_megatron.checkpoint import layout as meta
     from moc_megatron.hf.importer import save_weights_checkpoint
     from moc_megatron.model.builder import build_model_chunks
-    from moc_megatron.training import checkpoint_meta as meta
-    from moc_megatron.training.arguments import parse_args
-    from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+    from moc_megatron.training.arguments import parse_run_config
+    from moc_megatron.training.config_from_args import run_model_settings
 
     flags = json.loads(os.environ["HF_LAYOUT_FLAGS"])
-    args = parse_args([*H.BASE, *FOUR_LAYERS, *flags], exit_on_error=False)
+    run = parse_run_config([*H.BASE, *FOUR_LAYERS, *flags], exit_on_error=False)
     platform.initialize_distributed(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=run.parallel.expert_model_parallel_size,
+        virtual_pipeline_model_parallel_size=run.parallel.virtual_pipeline_model_parallel_size,
     )
-    config, settings = transformer_config_from_args(args), model_settings_from_args(args)
+    config, settings = run.model, run_model_settings(run)
     chunks = build_model_chunks(config, settings)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     state = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
@@ -60,8 +60,8 @@ def _resave_worker() -> None:
     if dist.get_rank() == 0:
         os.makedirs(meta.checkpoint_path(dst, 0))
     dist.barrier()
-    save_weights_checkpoint({k: c.sharded_state_dict() for k, c in zip(keys, chunks)}, args, config, settings,
-                            meta.checkpoint_path(dst, 0))
+    save_weights_checkpoint({k: c.sharded_state_dict() for k, c in zip(keys, chunks)}, config, settings,
+                            meta.checkpoint_path(dst, 0), run.saved_args)
     dist.barrier()
     if dist.get_rank() == 0:
         meta.write_tracker(dst, 0)

@@ -6,11 +6,11 @@ import os
 
 import torch
 
+from moc_megatron.checkpoint import layout
 from moc_megatron.hf.importer import save_weights_checkpoint
 from moc_megatron.model.builder import build_model
-from moc_megatron.training import checkpoint_meta as meta
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+from moc_megatron.training.arguments import parse_run_config
+from moc_megatron.training.config_from_args import run_model_settings
 
 VOCAB = 128
 BASE = [
@@ -25,25 +25,25 @@ BASE = [
 
 
 def megatron_model(flags: list[str], seed: int = 0):
-    """A MoC model built as training builds it, every parameter random (W_O included); and its args."""
-    args = parse_args([*BASE, *flags], world_size=1, exit_on_error=False)
-    config = transformer_config_from_args(args)
-    settings = model_settings_from_args(args)
+    """A MoC model built as training builds it, every parameter random (W_O included); and its run."""
+    run = parse_run_config([*BASE, *flags], world_size=1, exit_on_error=False)
+    config = run.model
+    settings = run_model_settings(run)
     model = build_model(config, settings)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
     model.eval()
-    return model, args, config, settings
+    return model, run, config, settings
 
 
-def save_checkpoint(root: str, model, args, config, settings) -> str:
+def save_checkpoint(root: str, model, run, config, settings) -> str:
     """``root/iter_0000000`` + tracker, as the importer writes it; returns ``root``."""
-    path = meta.checkpoint_path(root, 0)
+    path = layout.checkpoint_path(root, 0)
     os.makedirs(path)
-    save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, path)
-    meta.write_tracker(root, 0)
+    save_weights_checkpoint({"model": model.sharded_state_dict()}, config, settings, path, run.saved_args)
+    layout.write_tracker(root, 0)
     return root
 
 
@@ -83,11 +83,10 @@ def load_megatron_checkpoint(root: str):
     """The Megatron model of a saved checkpoint (``root`` with its tracker), fp32, eval mode."""
     from megatron.core import dist_checkpointing
 
-    from moc_megatron.eval.models import build_megatron_model_from_args, resolve_checkpoint, saved_training_args
+    from moc_megatron.eval.models import build_megatron_model, resolve_checkpoint, saved_common_state
 
     path, _ = resolve_checkpoint(root)
-    args, common = saved_training_args(path)
-    model = build_megatron_model_from_args(args, common["model_signature"])
+    model = build_megatron_model(saved_common_state(path), path)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
     return model.float().eval()

@@ -10,14 +10,15 @@ import pytest
 import torch.nn.functional as F
 
 from moc_megatron.config import MoCConfig
+from moc_megatron.config_flags import field_docstrings, flag_name, moc_fields
 from moc_megatron.presets import get_preset
 from moc_megatron.training.arguments import build_parser, parse_args
 from moc_megatron.training.config_from_args import (
-    model_settings_from_args,
-    optimizer_config_from_args,
+    build_run_config,
+    optimizer_config,
+    run_model_settings,
     transformer_config_from_args,
 )
-from moc_megatron.training.moc_flags import field_docstrings, flag_name, moc_fields
 from moc_megatron.training.optimizer import BACKBONE, BANK, MEMORY, lr_overrides, param_role, role_lrs
 from moc_megatron.training.validate_args import ArgumentsError, parse_blend
 
@@ -75,7 +76,7 @@ def test_megatron_flags_map_to_config_fields():
     assert config.hetereogenous_dist_checkpoint, "memory layers are checkpointed per layer"
     names = {f.name for f in dataclasses.fields(MoCConfig)}
     assert {"num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"} <= names
-    opt = optimizer_config_from_args(args)
+    opt = optimizer_config(build_run_config(args))
     assert opt.lr == 1e-3 and opt.bf16 and opt.clip_grad == 1.0 and opt.adam_beta2 == 0.999
 
 
@@ -103,7 +104,8 @@ def test_paper_preset_is_table_5():
     shape = (config.num_layers, config.hidden_size, config.num_query_groups, config.ffn_hidden_size)
     assert shape == (16, 768, 4, 2304)
     assert config.moc_memory_layers == [2, 6, 10, 14] and config.moc_num_chapters == 4097
-    assert model_settings_from_args(args).vocab_size == 49152 and model_settings_from_args(args).rotary_base == 100000
+    assert run_model_settings(build_run_config(args)).vocab_size == 49152 and \
+        run_model_settings(build_run_config(args)).rotary_base == 100000
 
 
 def test_derived_parallel_and_batch_values():
@@ -117,7 +119,7 @@ def test_derived_parallel_and_batch_values():
 
 def test_vocab_is_padded_like_megatron():
     args = parse("--tensor-model-parallel-size", "2", world_size=2)
-    assert model_settings_from_args(args, tokenizer_vocab_size=300).vocab_size == 512
+    assert run_model_settings(build_run_config(args), tokenizer_vocab_size=300).vocab_size == 512
 
 
 @pytest.mark.parametrize("extra, world, message", [

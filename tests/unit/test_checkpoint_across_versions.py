@@ -17,7 +17,7 @@ import pytest
 from test_training_e2e import tiny_args  # tests/unit is on sys.path under pytest
 
 from moc_megatron.platform.megatron_versions import read_common_state
-from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.loop import pretrain
 
 OTHER_PYTHON = os.environ.get("MOC_OTHER_STACK_PYTHON")
@@ -32,9 +32,9 @@ pytestmark = pytest.mark.skipif(not OTHER_PYTHON, reason="MOC_OTHER_STACK_PYTHON
 _RUNNER = """
 import json, sys
 import megatron.core
-from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.loop import pretrain
-result = pretrain(parse_args(sys.argv[1:], world_size=1, exit_on_error=False))
+result = pretrain(parse_run_config(sys.argv[1:], world_size=1, exit_on_error=False))
 print("RESULT " + json.dumps({"version": megatron.core.__version__, "losses": result.lm_losses}))
 """
 
@@ -46,7 +46,7 @@ def _args(*extra: str) -> list[str]:
 
 
 def _run_here(*extra: str) -> dict[int, float]:
-    return pretrain(parse_args(_args(*extra), world_size=1, exit_on_error=False)).lm_losses
+    return pretrain(parse_run_config(_args(*extra), world_size=1, exit_on_error=False)).lm_losses
 
 
 def _run_there(*extra: str) -> tuple[str, dict[int, float]]:

@@ -15,7 +15,7 @@ from moc_megatron.hf.export import ExportOptions, export_checkpoint
 from moc_megatron.hf.importer import ImportOptions, import_checkpoint
 from moc_megatron.memory import documents
 from moc_megatron.memory.documents import document_ids_from_tokens
-from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.arguments import parse_args, parse_run_config
 from moc_megatron.training.loop import pretrain
 from moc_megatron.training.validate_args import ArgumentsError
 
@@ -48,12 +48,12 @@ def trained(tmp_path_factory):
     patch.setattr(gpt_dataset.MockGPTLowLevelDataset, "max_sequence_length", 12)
     patch.setattr(documents.DocumentUnits, "build", staticmethod(counting))
     try:
-        first = pretrain(parse_args([*FLAGS, "--save", str(root / "ckpt"), "--save-interval", "2"],
-                                    world_size=1, exit_on_error=False))
+        first = pretrain(parse_run_config([*FLAGS, "--save", str(root / "ckpt"), "--save-interval", "2"],
+                                          world_size=1, exit_on_error=False))
         shutil.copytree(root / "ckpt" / "iter_0000002", root / "resume" / "iter_0000002")
         (root / "resume" / "latest_checkpointed_iteration.txt").write_text("2")
-        resumed = pretrain(parse_args([*FLAGS, "--load", str(root / "resume"), "--save", str(root / "resume"),
-                                       "--save-interval", "2"], world_size=1, exit_on_error=False))
+        resumed = pretrain(parse_run_config([*FLAGS, "--load", str(root / "resume"), "--save", str(root / "resume"),
+                                             "--save-interval", "2"], world_size=1, exit_on_error=False))
     finally:
         patch.undo()
     return root, first, resumed, layouts

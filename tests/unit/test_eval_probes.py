@@ -25,7 +25,7 @@ from moc_megatron.eval.scoring import (
     score_probes,
     split_continuation,
 )
-from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.loop import pretrain
 
 COLOURS = "red blue green amber teal ochre violet coral".split()
@@ -75,11 +75,11 @@ MOC_FLAGS = ("--moc-memory-layers", "1", "--moc-num-chapters", "9", "--moc-chapt
 def build_in_memory(tokenizer: WordTokenizer, seed: int) -> EvalModel:
     from moc_megatron.model.builder import build_model
     from moc_megatron.platform import model_parallel_manual_seed
-    from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+    from moc_megatron.training.config_from_args import run_model_settings
 
-    args = parse_args(model_args("--mock-data", *MOC_FLAGS), world_size=1, exit_on_error=False)
+    run = parse_run_config(model_args("--mock-data", *MOC_FLAGS), world_size=1, exit_on_error=False)
     model_parallel_manual_seed(seed)
-    module = build_model(transformer_config_from_args(args), model_settings_from_args(args), use_te=False)
+    module = build_model(run.model, run_model_settings(run), use_te=False)
     return EvalModel(module.eval(), tokenizer, "megatron", tokenizer.vocab_size)
 
 
@@ -233,9 +233,9 @@ def test_probe_file_errors(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, mcore_world):
     root = tmp_path_factory.mktemp("eval_ckpt")
-    pretrain(parse_args(model_args("--mock-data", "--vocab-size", "512", "--save", str(root / "dense")),
+    pretrain(parse_run_config(model_args("--mock-data", "--vocab-size", "512", "--save", str(root / "dense")),
                         world_size=1, exit_on_error=False))
-    pretrain(parse_args(model_args("--mock-data", "--vocab-size", "512", "--save", str(root / "moc"), *MOC_FLAGS),
+    pretrain(parse_run_config(model_args("--mock-data", "--vocab-size", "512", "--save", str(root / "moc"), *MOC_FLAGS),
                         world_size=1, exit_on_error=False))
     return root
 

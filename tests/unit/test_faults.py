@@ -20,9 +20,9 @@ import time
 import pytest
 import torch
 
+from moc_megatron.checkpoint.layout import TRACKER_FILENAME, read_tracker, resolve_load
 from moc_megatron.data.dataset_check import DatasetFileError, check_indexed_dataset
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpoint_meta import TRACKER_FILENAME, read_tracker, resolve_load
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.loop import pretrain
 from moc_megatron.training.nan_check import NonFiniteLossError
 from moc_megatron.training.train_step import forward_step
@@ -42,7 +42,7 @@ def tiny(*extra: str) -> list[str]:
 
 
 def run(*extra: str, **kw):
-    return pretrain(parse_args(tiny(*extra), world_size=1, exit_on_error=False), **kw)
+    return pretrain(parse_run_config(tiny(*extra), world_size=1, exit_on_error=False), **kw)
 
 
 def test_killed_save_leaves_the_previous_checkpoint_and_nothing_that_looks_complete(tmp_path):
@@ -126,7 +126,7 @@ def test_damaged_dataset_stops_at_startup_naming_the_file(corpus_prefix, sp_mode
     damaged = _damaged_copy(corpus_prefix, tmp_path, damage)
     with pytest.raises(DatasetFileError, match=match):
         check_indexed_dataset(damaged)
-    args = parse_args(tiny("--data-path", damaged, "--split", "90,10,0", "--tokenizer-type",
+    args = parse_run_config(tiny("--data-path", damaged, "--split", "90,10,0", "--tokenizer-type",
                            "SentencePieceTokenizer", "--tokenizer-model", sp_model), world_size=1, exit_on_error=False)
     with pytest.raises(DatasetFileError, match=match):
         pretrain(args)

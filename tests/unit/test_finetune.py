@@ -13,17 +13,18 @@ import torch
 
 from moc_megatron.data.synthetic_corpus import generate_people, synthetic_chats
 from moc_megatron.parallel.bank_group import destroy_bank_groups
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpointing import load_checkpoint
-from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+from moc_megatron.training.arguments import parse_run_config
+from moc_megatron.training.checkpointing import load_training_state
+from moc_megatron.training.config_from_args import run_model_settings
 from moc_megatron.training.data import data_iterators
 from moc_megatron.training.finetune import (
     build_sft_datasets,
     finetune,
     parse_finetune_args,
-    resolve_start,
+    parse_finetune_run_config,
     sft_batch,
     sft_loss_func,
+    start_run,
 )
 from moc_megatron.training.loop import _tokenizer, pretrain
 from moc_megatron.training.setup import build_training_stack, initialize
@@ -62,31 +63,33 @@ def setup(tmp_path_factory, sp_model, run_tool):
     assert run_tool("preprocess_sft", "--input", chats, "--output-prefix", root / "sft",
                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
                     "--pack-length", SEQ, "--no-progress") == 0
-    pre = pretrain(parse_args([*model_args(sp_model), "--mock-data", "--train-iters", "3", "--lr", "1e-3",
-                               "--eval-interval", "3", "--save", str(root / "pre")],
-                              world_size=1, exit_on_error=False))
+    pre = pretrain(parse_run_config([*model_args(sp_model), "--mock-data", "--train-iters", "3", "--lr", "1e-3",
+                                     "--eval-interval", "3", "--save", str(root / "pre")],
+                                    world_size=1, exit_on_error=False))
     assert pre.iteration == 3
     sft, pretrained = str(root / "sft"), str(root / "pre")
-    result = finetune(parse_finetune_args(ft_argv(sp_model, sft, pretrained, "--save", str(root / "ft")),
-                                          world_size=1, exit_on_error=False))
+    result = finetune(parse_finetune_run_config(ft_argv(sp_model, sft, pretrained, "--save", str(root / "ft")),
+                                                world_size=1, exit_on_error=False))
     return root, sft, pretrained, result
 
 
 @pytest.fixture(scope="module")
 def pretrained_model(setup, sp_model):
-    """The pretrained weights loaded as finetune_moc.py loads them, and the finetune args."""
+    """The pretrained weights loaded as finetune_moc.py loads them, and the finetune run."""
     _, sft, pretrained, _ = setup
-    args = parse_finetune_args(ft_argv(sp_model, sft, pretrained), world_size=1, exit_on_error=False)
-    assert resolve_start(args) == "pretrained"
-    initialize(args)
-    _, vocab = _tokenizer(args)
-    config = transformer_config_from_args(args)
-    settings = model_settings_from_args(args, vocab)
-    stack = build_training_stack(args, config, settings)
-    assert load_checkpoint(args, stack.model, stack.optimizer, stack.scheduler, config, settings) == (0, 0)
+    start, run = start_run(parse_finetune_run_config(ft_argv(sp_model, sft, pretrained), world_size=1,
+                                                     exit_on_error=False))
+    assert start == "pretrained"
+    initialize(run)
+    _, vocab = _tokenizer(run)
+    config = run.model
+    settings = run_model_settings(run, vocab)
+    stack = build_training_stack(run, config, settings)
+    loaded = load_training_state(run, stack.model, stack.optimizer, stack.scheduler, config, settings)
+    assert (loaded.iteration, loaded.consumed_train_samples) == (0, 0)
     model = stack.model[0]
     model.eval()
-    yield args, model
+    yield run, model
     destroy_bank_groups()
 
 
@@ -107,7 +110,7 @@ def test_starts_from_the_pretrained_weights(setup, pretrained_model):
     train_ds, _, _ = build_sft_datasets(args)
     it = data_iterators(train_ds, 0, args, 1)[0]
     total, tokens = 0.0, 0
-    for _ in range(args.num_microbatches):
+    for _ in range(args.schedule.num_microbatches):
         s, n = _masked_loss(model, sft_batch(it))
         total, tokens = total + s.item(), tokens + n.item()
     assert result.lm_losses[1] == pytest.approx(total / tokens, rel=1e-5)
@@ -167,9 +170,9 @@ def test_packed_conversations_do_not_see_each_other(pretrained_model):
 
 def test_resume_and_bad_arguments(setup, sp_model):
     root, sft, pretrained, _ = setup
-    args = parse_finetune_args(ft_argv(sp_model, sft, pretrained, "--load", str(root / "ft")),
-                               world_size=1, exit_on_error=False)
-    assert resolve_start(args) == "resume" and args.load == str(root / "ft") and not args.finetune
+    start, run = start_run(parse_finetune_run_config(ft_argv(sp_model, sft, pretrained, "--load", str(root / "ft")),
+                                                     world_size=1, exit_on_error=False))
+    assert start == "resume" and run.checkpointing.load == str(root / "ft") and not run.checkpointing.finetune
     with pytest.raises(ArgumentsError, match="--sft-data-path replaces --mock-data"):
         parse_finetune_args([*ft_argv(sp_model, sft, pretrained), "--mock-data"], world_size=1, exit_on_error=False)
     with pytest.raises(ArgumentsError, match="--pretrained-checkpoint"):

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpoint_meta import CheckpointNotFoundError
+from moc_megatron.checkpoint.layout import CheckpointNotFoundError
+from moc_megatron.training.arguments import parse_args, parse_run_config
 from moc_megatron.training.checkpointing import CheckpointMismatchError
 from moc_megatron.training.config_from_args import transformer_config_from_args
 from moc_megatron.training.loop import pretrain
@@ -29,7 +29,7 @@ def tiny(*extra: str) -> list[str]:
 
 
 def run(*extra: str):
-    return pretrain(parse_args(tiny(*extra), world_size=1, exit_on_error=False))
+    return pretrain(parse_run_config(tiny(*extra), world_size=1, exit_on_error=False))
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from moc_megatron.training.arguments import parse_args
+from moc_megatron.training.arguments import parse_args, parse_run_config
 from moc_megatron.training.checkpointing import CheckpointMismatchError
-from moc_megatron.training.config_from_args import build_run_config
 from moc_megatron.training.loop import _resume_hint, pretrain
 from moc_megatron.training.validate_args import ArgumentsError
 
@@ -28,7 +27,7 @@ def parse(*extra: str):
 
 
 def run(*extra: str):
-    return pretrain(parse(*extra))
+    return pretrain(parse_run_config(tiny(*extra), world_size=1, exit_on_error=False))
 
 
 WSD = ("--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear", "--lr-warmup-iters", "20",
@@ -109,7 +108,7 @@ def test_the_printed_command_has_no_escaped_commas(monkeypatch):
     argv = ["pretrain_moc.py", *tiny("--train-iters", "4", "--split", "98,2,0", "--save", "runs/x",
                                      "--lr-decay-style", "cosine", "--lr-warmup-iters", "1")]
     monkeypatch.setattr(sys, "argv", argv)
-    hint = _resume_hint(build_run_config(parse_args(argv[1:], world_size=1, exit_on_error=False)), "runs/x/iter_4")
+    hint = _resume_hint(parse_run_config(argv[1:], world_size=1, exit_on_error=False), "runs/x/iter_4")
     command = hint.splitlines()[2].strip()
     assert command.startswith("python pretrain_moc.py ") and command.endswith(" --load runs/x")
     assert "--split 98,2,0" in command and "\\" not in command

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import hf_helpers as H  # noqa: E402  (tests/unit is on sys.path under pytest)
 
+from moc_megatron.checkpoint import layout as meta  # noqa: E402
 from moc_megatron.hf.export import ExportError, ExportOptions, export_checkpoint  # noqa: E402
 from moc_megatron.hf.importer import (  # noqa: E402
     ImportError_,
@@ -23,7 +24,6 @@ from moc_megatron.hf.importer import (  # noqa: E402
     save_weights_checkpoint,  # noqa: E402
 )
 from moc_megatron.platform.megatron_versions import read_common_state  # noqa: E402
-from moc_megatron.training import checkpoint_meta as meta  # noqa: E402
 
 VARIANTS = {
     "sequence-paper-sharedbank-tied": [],
@@ -171,7 +171,7 @@ def test_export_import_export_is_bit_exact(exported, name, tmp_path):
 
 def test_imported_checkpoint_loads_in_pretrain_at_iteration_0(exported, tmp_path):
     """``pretrain_moc.py --load`` of an imported checkpoint starts at iteration 0 from its weights."""
-    from moc_megatron.training.arguments import parse_args
+    from moc_megatron.training.arguments import parse_run_config
     from moc_megatron.training.loop import pretrain
 
     _, folder, _ = exported["chunk-paper-sharedbank"]
@@ -179,7 +179,7 @@ def test_imported_checkpoint_loads_in_pretrain_at_iteration_0(exported, tmp_path
     flags = [*H.BASE, "--moc-routing-unit", "chunk", "--load", str(tmp_path / "ckpt"), "--save",
              str(tmp_path / "ckpt"), "--train-iters", "1", "--global-batch-size", "1", "--eval-iters", "0",
              "--num-workers", "0", "--log-interval", "1", "--save-interval", "1"]
-    pretrain(parse_args(flags, world_size=1, exit_on_error=False))
+    pretrain(parse_run_config(flags, world_size=1, exit_on_error=False))
     assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read().strip() == "1"
 
 
@@ -313,7 +313,8 @@ def test_checkpoint_tokenizer_record_is_checked_and_survives_the_round_trip(tmp_
     for name, rec in (("other", replace(record, model_sha256="0" * 64)), ("same", record)):
         path = tmp_path / name / "iter_0000000"
         os.makedirs(path)
-        save_weights_checkpoint({"model": model.sharded_state_dict()}, args, config, settings, str(path), rec)
+        save_weights_checkpoint({"model": model.sharded_state_dict()}, config, settings, str(path), args.saved_args,
+                                rec)
         meta.write_tracker(str(tmp_path / name), 0)
     with pytest.raises(TokenizerError, match="tokenizer mismatch.*model_sha256"):
         export_checkpoint(ExportOptions(load=str(tmp_path / "other"), output=str(tmp_path / "hf_other"),

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from moc_megatron.data.chat import DEFAULT_CHAT_TEMPLATE, encode_chat, end_of_turn  # noqa: E402
 from moc_megatron.data.tokenizer import build_tokenizer  # noqa: E402
-from moc_megatron.training.arguments import parse_args  # noqa: E402
+from moc_megatron.training.arguments import parse_run_config  # noqa: E402
 from moc_megatron.training.loop import pretrain  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Where was Ada born?"}, {"role": "assistant", "content": "In Lisbon."}]
@@ -32,7 +32,7 @@ CHAT = [{"role": "user", "content": "Where was Ada born?"}, {"role": "assistant"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, sp_model):
     root = tmp_path_factory.mktemp("chat_end")
-    pretrain(parse_args([
+    pretrain(parse_run_config([
         "--preset", "moc-tiny", "--num-layers", "2", "--moc-memory-layers", "1", "--seq-length", "32",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--mock-data",
         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",

@@ -13,11 +13,11 @@ pytest.importorskip("transformers")
 
 import hf_helpers as H  # noqa: E402
 
+from moc_megatron.checkpoint import layout as meta  # noqa: E402
 from moc_megatron.hf.export import ExportOptions, export_checkpoint  # noqa: E402
 from moc_megatron.hf.importer import ImportOptions, import_checkpoint  # noqa: E402
 from moc_megatron.memory.documents import document_ids_from_tokens  # noqa: E402
 from moc_megatron.platform.megatron_versions import read_common_state  # noqa: E402
-from moc_megatron.training import checkpoint_meta as meta  # noqa: E402
 
 EOD = 0  # a run without a tokenizer ends documents with id 0
 VARIANTS = {

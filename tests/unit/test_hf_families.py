@@ -92,7 +92,7 @@ def test_exported_moc_model_computes_the_source_logits_and_round_trips(families,
 def test_family_features_map_to_megatron_options_and_matter(families):
     """Each family's feature is in the export's config and the Megatron signature, and the logits depend on it
     (so the equality tests above would catch it missing)."""
-    from moc_megatron.eval.models import saved_training_args
+    from moc_megatron.eval.models import saved_common_state
 
     configs = {name: json.load(open(os.path.join(folder, "config.json"))) for name, (_, _, folder, _, _) in
                families.items()}
@@ -100,7 +100,7 @@ def test_family_features_map_to_megatron_options_and_matter(families):
     assert configs["qwen3"]["qk_norm"] and not configs["qwen3"]["qkv_bias"]
     assert configs["llama3"]["rope_parameters"]["rope_type"] == "llama3"
     assert configs["smollm2"]["tie_word_embeddings"] and not configs["llama3"]["tie_word_embeddings"]
-    signatures = {name: saved_training_args(os.path.join(ckpt, "iter_0000000"))[1]["model_signature"]
+    signatures = {name: saved_common_state(os.path.join(ckpt, "iter_0000000"))["model_signature"]
                   for name, (_, ckpt, _, _, _) in families.items()}
     assert signatures["qwen2"]["add_qkv_bias"] and signatures["qwen3"]["qk_layernorm"]
     assert signatures["llama3"]["rope_scaling"] and signatures["llama3"]["rope_scaling_factor"] == 8.0
@@ -196,7 +196,7 @@ def test_a_window_that_never_binds_is_accepted():
 def test_imported_family_trains_with_the_printed_flags(tmp_path, name, mcore_world):
     """``pretrain_moc.py`` with the flags the import prints loads the checkpoint (signature with qk_layernorm /
     rope scaling) and trains from iteration 0."""
-    from moc_megatron.training.arguments import parse_args
+    from moc_megatron.training.arguments import parse_run_config
     from moc_megatron.training.loop import pretrain
 
     _source(name, str(tmp_path / "source"))
@@ -205,7 +205,7 @@ def test_imported_family_trains_with_the_printed_flags(tmp_path, name, mcore_wor
                                     moc_flags=H.MEMORY_FLAGS), log=lines.append)
     flags = lines[-1].split("\n", 1)[1].split()
     flags = [*flags[: flags.index("--seq-length")], *flags[flags.index("--seq-length") + 2:]]
-    result = pretrain(parse_args([*flags, "--seq-length", "16", "--mock-data", "--micro-batch-size", "1",
+    result = pretrain(parse_run_config([*flags, "--seq-length", "16", "--mock-data", "--micro-batch-size", "1",
                                   "--train-iters", "1", "--lr", "1e-4", "--load", str(tmp_path / "ckpt"), "--save",
                                   str(tmp_path / "ckpt"), "--save-interval", "1", "--eval-iters", "0",
                                   "--num-workers", "0"], world_size=1, exit_on_error=False))

@@ -52,7 +52,7 @@ def test_export_drops_padding_rows_and_keeps_logits(tmp_path, mcore_world, vocab
 
 def test_unknown_vocabulary_is_refused_unless_keep_padded_vocab(tmp_path, mcore_world):
     model, args, config, settings = H.megatron_model(["--vocab-size", "1000"])
-    args.vocab_size = None  # a checkpoint that records neither a tokenizer nor --vocab-size
+    args = args.replace("data", vocab_size=None)  # a checkpoint that records neither a tokenizer nor --vocab-size
     H.save_checkpoint(str(tmp_path / "ckpt"), model, args, config, settings)
     with pytest.raises(ExportError, match="true vocabulary is unknown.*--keep-padded-vocab"):
         export_checkpoint(ExportOptions(load=str(tmp_path / "ckpt"), output=str(tmp_path / "hf")), log=quiet)
@@ -70,7 +70,7 @@ def test_unknown_vocabulary_is_refused_unless_keep_padded_vocab(tmp_path, mcore_
 
 def test_command_line_keep_padded_vocab(tmp_path, mcore_world, run_tool, capsys):
     model, args, config, settings = H.megatron_model(["--vocab-size", "1000"])
-    args.vocab_size = None
+    args = args.replace("data", vocab_size=None)
     H.save_checkpoint(str(tmp_path / "ckpt"), model, args, config, settings)
     assert run_tool("convert_checkpoint", "export", "--load", tmp_path / "ckpt", "--output", tmp_path / "hf") == 2
     err = capsys.readouterr().err.strip()

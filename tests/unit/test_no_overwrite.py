@@ -13,7 +13,7 @@ import sys
 import pytest
 from test_first_hour import run, tiny  # tests/unit is on sys.path under pytest
 
-from moc_megatron.training.checkpoint_meta import (
+from moc_megatron.checkpoint.layout import (
     TRACKER_FILENAME,
     CheckpointNotFoundError,
     CheckpointOverwriteError,

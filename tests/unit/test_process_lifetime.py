@@ -19,8 +19,8 @@ import time
 import psutil
 import pytest
 
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpoint_meta import read_tracker
+from moc_megatron.checkpoint.layout import read_tracker
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.loop import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,5 +184,6 @@ def test_a_run_killed_during_its_saves_leaves_no_process_and_resumes(tmp_path):
     seen, _, _ = kill_at(script, save, "killed after iteration 5", {"MOC_FAULT_KILL": "0:5"}, self_kill=True)
     assert survivors(seen) == [] and read_tracker(str(save)) == 4
 
-    resumed = pretrain(parse_args(tiny("--save", str(save), "--load", str(save)), world_size=1, exit_on_error=False))
+    resumed = pretrain(parse_run_config(tiny("--save", str(save), "--load", str(save)), world_size=1,
+                                        exit_on_error=False))
     assert resumed.start_iteration == 4 and resumed.iteration == 8 and read_tracker(str(save)) == 8

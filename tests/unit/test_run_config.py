@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from moc_megatron import platform
+from moc_megatron.checkpoint.model_config import MODEL_FLAGS, RUNTIME_FLAGS
 from moc_megatron.config import MoCConfig
 from moc_megatron.presets import PRESETS
 from moc_megatron.training.arguments import build_parser, parse_args
 from moc_megatron.training.config_from_args import (
     build_run_config,
     json_args,
-    same_name_fields,
     transformer_config_from_args,
 )
 from moc_megatron.training.finetune import parse_finetune_args, start_run
@@ -30,6 +30,11 @@ BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"
 NOT_A_FIELD = {"help", "preset", "norm_epsilon", "swiglu", "group_query_attention",
                "num_layers_per_virtual_pipeline_stage", "data_path", "train_data_path", "valid_data_path",
                "test_data_path"}
+
+
+def same_name_fields() -> list[str]:
+    """The flags whose argument name is the TransformerConfig field they set."""
+    return [flag for flag, name in {**MODEL_FLAGS, **RUNTIME_FLAGS}.items() if flag == name]
 
 
 def run_of(*extra: str, world_size: int = 1) -> tuple:
@@ -66,6 +71,16 @@ def test_sections_hold_the_validated_and_derived_values():
     want = transformer_config_from_args(args)
     assert (run.model.num_layers, run.model.moc_memory_layers, run.model.ffn_hidden_size) == \
         (want.num_layers, want.moc_memory_layers, want.ffn_hidden_size)
+
+
+def test_the_flag_table_names_every_flag_that_sets_a_config_field():
+    """The explicit flag -> TransformerConfig field table covers every flag named like a field (the platform
+    decides CPU initialisation), and names only flags and fields that exist."""
+    fields = {f.name for f in dataclasses.fields(MoCConfig) if not f.name.startswith("moc_")}
+    dests = {a.dest for a in build_parser()._actions}
+    table = {**MODEL_FLAGS, **RUNTIME_FLAGS}
+    assert (dests & fields) - {"use_cpu_initialization"} == set(same_name_fields())
+    assert set(table) <= dests and set(table.values()) <= fields
 
 
 def test_run_config_is_frozen_and_replace_keeps_saved_args_in_step():

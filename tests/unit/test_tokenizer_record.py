@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from moc_megatron.checkpoint.layout import checkpoint_path
 from moc_megatron.data.tokenizer_record import (
     CHECKPOINT_KEY,
     TokenizerMismatchError,
@@ -21,9 +22,8 @@ from moc_megatron.data.tokenizer_record import (
     record_for,
     record_from_checkpoint,
 )
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpoint_meta import checkpoint_path
-from moc_megatron.training.finetune import finetune, parse_finetune_args
+from moc_megatron.training.arguments import parse_run_config
+from moc_megatron.training.finetune import finetune, parse_finetune_run_config
 from moc_megatron.training.loop import pretrain
 
 
@@ -93,7 +93,7 @@ def test_preprocessing_records_the_tokenizer_beside_the_idx(datasets, sp_model, 
 
 def test_pretraining_on_data_of_another_tokenizer_stops_naming_the_dataset(datasets, other_sp_model):
     prefix = str(datasets / "corpus_text_document")
-    args = parse_args(model_args(other_sp_model, "--data-path", prefix, "--split", "90,10,0"),
+    args = parse_run_config(model_args(other_sp_model, "--data-path", prefix, "--split", "90,10,0"),
                       world_size=1, exit_on_error=False)
     with pytest.raises(TokenizerMismatchError, match=f"dataset {prefix}.idx was made with .*{other_sp_model}"):
         pretrain(args)
@@ -104,7 +104,7 @@ def test_checkpoint_records_its_tokenizer_and_refuses_another(tmp_path, datasets
     from megatron.core import dist_checkpointing
 
     save = str(tmp_path / "pre")
-    pretrain(parse_args(model_args(sp_model, "--mock-data", "--save", save), world_size=1, exit_on_error=False))
+    pretrain(parse_run_config(model_args(sp_model, "--mock-data", "--save", save), world_size=1, exit_on_error=False))
     common = dist_checkpointing.load_common_state_dict(checkpoint_path(save, 2))
     assert TokenizerRecord.from_dict(common[CHECKPOINT_KEY]) == record_for("SentencePieceTokenizer", sp_model)
     assert record_from_checkpoint(checkpoint_path(save, 2)) == record_for("SentencePieceTokenizer", sp_model)
@@ -117,13 +117,14 @@ def test_checkpoint_records_its_tokenizer_and_refuses_another(tmp_path, datasets
     record_b = record_for("SentencePieceTokenizer", other_sp_model)
     with open(dataset_record_path(f"{other_data}_tokens"), "w") as f:
         json.dump(record_b.to_dict(), f)
-    args = parse_finetune_args(model_args(other_sp_model, "--sft-data-path", str(other_data), "--split", "90,10,0",
-                                          "--pretrained-checkpoint", save), world_size=1, exit_on_error=False)
+    args = parse_finetune_run_config(model_args(other_sp_model, "--sft-data-path", str(other_data), "--split",
+                                                "90,10,0", "--pretrained-checkpoint", save),
+                                     world_size=1, exit_on_error=False)
     with pytest.raises(TokenizerMismatchError, match=f"checkpoint {save}/iter_0000002 was made with .*{sp_model}"):
         finetune(args)
     # and the SFT data of A with the flags of B stops at the data, before any model is built
-    args = parse_finetune_args(model_args(other_sp_model, "--sft-data-path", str(datasets / "chat"),
-                                          "--split", "90,10,0", "--pretrained-checkpoint", save),
-                               world_size=1, exit_on_error=False)
+    args = parse_finetune_run_config(model_args(other_sp_model, "--sft-data-path", str(datasets / "chat"),
+                                                "--split", "90,10,0", "--pretrained-checkpoint", save),
+                                     world_size=1, exit_on_error=False)
     with pytest.raises(TokenizerMismatchError, match="chat_tokens.idx"):
         finetune(args)

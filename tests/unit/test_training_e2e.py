@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
+from moc_megatron.checkpoint.layout import TRACKER_FILENAME, read_tracker
 from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training import checkpointing
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.checkpoint_meta import TRACKER_FILENAME, read_tracker
+from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.checkpointing import CheckpointMismatchError
 from moc_megatron.training.loop import pretrain
 
@@ -35,7 +35,7 @@ def tiny_args(*extra: str) -> list[str]:
 
 
 def run(*extra: str):
-    return pretrain(parse_args(tiny_args(*extra), world_size=1, exit_on_error=False))
+    return pretrain(parse_run_config(tiny_args(*extra), world_size=1, exit_on_error=False))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_trains_on_a_weighted_blend_of_real_datasets(tmp_path, tiny_corpus, sp_m
     argv = [a for a in tiny_args("--train-iters", "3", "--eval-interval", "3") if a not in ("--mock-data",)]
     vocab = argv.index("--vocab-size")
     del argv[vocab:vocab + 2]
-    args = parse_args([*argv, "--data-path", "0.7", prefixes[0], "0.3", prefixes[1], "--split", "90,10,0",
+    args = parse_run_config([*argv, "--data-path", "0.7", prefixes[0], "0.3", prefixes[1], "--split", "90,10,0",
                        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
                        "--data-cache-path", str(tmp_path / "cache")], world_size=1, exit_on_error=False)
     result = pretrain(args)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from megatron.core.utils import unwrap_model
 
-from moc_megatron.training.arguments import parse_args
-from moc_megatron.training.config_from_args import model_settings_from_args, transformer_config_from_args
+from moc_megatron.training.arguments import parse_run_config
+from moc_megatron.training.config_from_args import run_model_settings
 from moc_megatron.training.data import build_datasets, data_iterators, dataset_tokenizer
 from moc_megatron.training.logging import reset_memory_statistics
 from moc_megatron.training.optimizer import BACKBONE, BANK, MEMORY, param_group_summary, param_role
@@ -16,25 +16,24 @@ from moc_megatron.training.train_step import train_step
 
 
 def make_stack(*extra: str):
-    args = parse_args([
+    run = parse_run_config([
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
         "--vocab-size", "64", "--mock-data", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-3",
         "--min-lr", "1e-4", "--lr-decay-style", "linear", "--moc-memory-layers", "0", "--moc-num-chapters", "5",
         "--moc-chapter-size", "4", "--moc-top-k", "2", "--num-workers", "0", "--eval-iters", "0", *extra,
     ], world_size=1, exit_on_error=False)
-    initialize(args)
-    config = transformer_config_from_args(args)
-    stack = build_training_stack(args, config, model_settings_from_args(args))
-    return args, stack
+    initialize(run)
+    stack = build_training_stack(run, run.model, run_model_settings(run))
+    return run, stack
 
 
 def named_params(stack) -> dict[str, torch.nn.Parameter]:
     return dict(unwrap_model(stack.model[0]).named_parameters())
 
 
-def one_step(args, stack):
-    train_ds, _, _ = build_datasets(args, dataset_tokenizer(vocab_size=args.vocab_size))
-    result = train_step(args, data_iterators(train_ds, 0, args, 1), stack.model, stack.optimizer, stack.scheduler)
+def one_step(run, stack):
+    train_ds, _, _ = build_datasets(run, dataset_tokenizer(vocab_size=run.data.vocab_size))
+    result = train_step(run, data_iterators(train_ds, 0, run, 1), stack.model, stack.optimizer, stack.scheduler)
     reset_memory_statistics()  # leave no router statistics behind for other tests
     return result
 

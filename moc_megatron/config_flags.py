@@ -1,4 +1,5 @@
-"""``--moc-*`` command-line flags generated from :class:`MoCConfig`'s ``moc_`` fields.
+"""``--moc-*`` command-line flags generated from :class:`MoCConfig`'s ``moc_`` fields (``pretrain_moc.py``,
+``finetune_moc.py``, and ``convert_checkpoint.py import`` for the memory a dense model gets).
 
 One flag per field: ``moc_num_chapters`` -> ``--moc-num-chapters``, its help text is the field's
 docstring, its type comes from the annotation (``list[int]`` -> several ints, ``Literal`` -> choices,
@@ -14,6 +15,7 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from moc_megatron import config as config_module
@@ -98,11 +100,12 @@ def add_moc_training_flags(parser: argparse.ArgumentParser) -> None:
                        help="Keep the memory bank fixed: no gradient, no optimizer state for it.")
 
 
-def moc_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``moc_`` fields the user (or the preset) set; unset ones fall back to MoCConfig's defaults."""
+def moc_config_kwargs(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``moc_`` fields that ``flags`` (argument name -> value) set; unset ones (``None``) are left out, so
+    they fall back to MoCConfig's defaults."""
     kwargs = {}
     for f in moc_fields():
-        value = getattr(args, f.name, None)
+        value = flags.get(f.name)
         if value is not None:
             kwargs[f.name] = list(value) if isinstance(value, tuple) else value
     return kwargs

@@ -1,4 +1,4 @@
-"""Checkpoint layout on disk, the tracker file, and the model signature checked on load.
+"""Checkpoint layout on disk, the tracker file, and what ``--load``/``--save`` may point at.
 
 Layout (Megatron-LM's)::
 
@@ -18,11 +18,8 @@ import re
 import shutil
 import tempfile
 
-from moc_megatron.config import MoCConfig
 from moc_megatron.errors import MoCError
-from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform.megatron_versions import is_complete_checkpoint
-from moc_megatron.training.moc_flags import flag_name
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"iter_(\d{7})")
@@ -38,27 +35,6 @@ class CheckpointNotFoundError(CheckpointError):
 
 class CheckpointOverwriteError(CheckpointError):
     """``--save`` holds checkpoints that this run did not start from and would overwrite."""
-
-# MoCConfig fields that fix the model's parameters or its computation: a checkpoint and the run
-# loading it must agree on all of them.
-SIGNATURE_CONFIG_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "normalization", "gated_linear_unit", "add_bias_linear", "qk_layernorm",
-    "moc_memory_layers", "moc_num_chapters", "moc_chapter_size", "moc_num_shared_chapters", "moc_top_k",
-    "moc_num_heads", "moc_num_query_groups", "moc_bank_dim", "moc_routing_unit", "moc_chunk_size",
-    "moc_gating", "moc_routed_scaling_factor", "moc_shared_bank",
-)
-SIGNATURE_SETTINGS_FIELDS = ("vocab_size", "tie_embeddings", "rotary_base")
-
-# Signature entries whose flag is not simply "--" + name with dashes.
-_FLAG_OF = {
-    "gated_linear_unit": "--swiglu",
-    "activation_func": "--swiglu",
-    "add_bias_linear": "--disable-bias-linear",
-    "vocab_size": "vocabulary: the tokenizer or --vocab-size, padded to --make-vocab-size-divisible-by x TP",
-    "tie_embeddings": "--untie-embeddings-and-output-weights",
-    "rope_scaling": "--use-rope-scaling",
-}
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -246,29 +222,3 @@ def publish_checkpoint(root: str, iteration: int) -> str:
     _fsync_dir(root)
     write_tracker(root, iteration)
     return final
-
-
-def model_signature(config: MoCConfig, settings: ModelSettings) -> dict:
-    """The values a checkpoint and the run loading it must agree on."""
-    sig = {name: getattr(config, name) for name in SIGNATURE_CONFIG_FIELDS}
-    sig["moc_memory_layers"] = sorted(sig["moc_memory_layers"])
-    sig["activation_func"] = getattr(config.activation_func, "__name__", str(config.activation_func))
-    sig.update({name: getattr(settings, name) for name in SIGNATURE_SETTINGS_FIELDS})
-    # Recorded only when on: signatures of checkpoints saved before these flags existed stay the same.
-    if config.add_qkv_bias:
-        sig["add_qkv_bias"] = True
-    if config.reset_attention_mask:
-        sig["reset_attention_mask"] = True
-    if settings.rope_scaling:
-        sig.update(rope_scaling=True, rope_scaling_factor=settings.rope_scaling_factor)
-    return sig
-
-
-def signature_mismatches(saved: dict, current: dict) -> list[str]:
-    """One line per disagreeing entry: ``--flag: checkpoint X, this run Y``."""
-    lines = []
-    for name in sorted(set(saved) | set(current)):
-        if saved.get(name) != current.get(name):
-            flag = _FLAG_OF.get(name, flag_name(name))
-            lines.append(f"  {flag} ({name}): checkpoint {saved.get(name)!r}, this run {current.get(name)!r}")
-    return lines
