@@ -15,8 +15,8 @@ the read's gradients from the units' final output and log-sum-exp, so only ``O(t
 block is alive at a time. The gradients of the modules' parameters are summed over blocks with
 ``torch.autograd.grad`` and returned once, so each parameter's gradient accumulator (megatron DDP's hook)
 fires once per backward; the bank's rows are added into ``main_grad`` (or ``.grad``) directly, as
-:func:`moc_megatron.memory.bank.gather_rows` does. (``moc_moc_megatron_note``: chapter-major tiles are
-:mod:`moc_megatron.kernels.chapter_major`.)
+:func:`moc_megatron.memory.bank.gather_rows` does. Chapter-major tiles are
+:mod:`moc_megatron.kernels.chapter_major`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ READ_BLOCK_ELEMENTS = 1 << 20
 CHAPTER_MAJOR_QUERIES = 128
 """Units with fewer queries than this (token and chunk routing) read a projection block chapter-major (each
 chapter's K/V once per tile of units); longer units (sequence routing) read it unit by unit with the online
-softmax. Measured on the CPU at the issue's chunk shapes (64-query units): chapter-major 10.6 s, unit-major
-14 s per layer forward+backward."""
+softmax. Measured on the CPU with 64-token chunks (``bench/bench_memory_read.py --cases issue``: width 768,
+1,025 chapters x 64 tokens, top-64, 2 x 1024 tokens): chapter-major 10.6 s, unit-major 14 s per layer
+forward+backward."""
 
 
 @dataclass
