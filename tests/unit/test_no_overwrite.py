@@ -19,7 +19,7 @@ from moc_megatron.checkpoint.layout import (
     CheckpointOverwriteError,
     read_tracker,
 )
-from moc_megatron.training.finetune import finetune, parse_finetune_args
+from moc_megatron.training.finetune import finetune, parse_finetune_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,7 +123,7 @@ def test_finetune_moc_into_a_folder_holding_a_finetuning_checkpoint_is_refused(s
     argv += ["--sft-data-path", str(tmp_path / "chat"), "--tokenizer-type", "SentencePieceTokenizer",
              "--tokenizer-model", str(tmp_path / "tok.model")]
     with pytest.raises(CheckpointOverwriteError, match=f"resume it with --load {ft}, or give a new --save folder"):
-        finetune(parse_finetune_args(argv, world_size=1, exit_on_error=False))
+        finetune(parse_finetune_run_config(argv, world_size=1, exit_on_error=False))
     assert snapshot(ft) == before
 
 
