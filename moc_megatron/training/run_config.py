@@ -1,13 +1,15 @@
 """The typed configuration of a training run, built once from the validated command line.
 
-:func:`moc_megatron.training.config_from_args.build_run_config` turns the parsed and validated
-``argparse.Namespace`` into a frozen :class:`RunConfig`; everything in ``training/`` after that reads
-these dataclasses, never the namespace. Field names are the flags' argument names (``--lr-decay-iters``
--> ``lr_decay_iters``), so the builder copies them by name and a field cannot drift from its flag.
+:func:`moc_megatron.training.validate_args.validate_args` checks the parsed ``argparse.Namespace`` and returns
+its frozen :class:`RunConfig` (:func:`moc_megatron.training.config_from_args.build_run_config`); everything
+in ``training/`` after that reads these dataclasses, never the namespace. Field names are the flags' argument
+names (``--lr-decay-iters`` -> ``lr_decay_iters``), so the builder copies them by name and a field cannot
+drift from its flag.
 
-``RunConfig.saved_args`` is what checkpoints store under ``"args"`` (the flags' simple values, exactly as
-before: export, conversion and evaluation tools read it); :meth:`RunConfig.replace` keeps it in step
-with a changed field.
+``RunConfig.saved_args`` is what checkpoints store under ``"args"`` (the flags' simple values, Megatron-LM's
+convention: export and evaluation read the tokenizer and vocabulary there; the model itself is stored as
+data, :mod:`moc_megatron.checkpoint.model_config`); :meth:`RunConfig.replace` keeps it in step with a
+changed field.
 """
 
 from __future__ import annotations
