@@ -149,7 +149,7 @@ def read_model_record(common: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ModelRecordError(f"{where}: no model_config or saved arguments/model signature "
                                "(not a pretrain_moc.py checkpoint)")
     signature = common.get("model_signature") or {}
-    for name in (*SIGNATURE_CONFIG_FIELDS, "activation_func", "add_qkv_bias"):
+    for name in (*SIGNATURE_CONFIG_FIELDS, "activation_func", "add_qkv_bias", "reset_attention_mask"):
         if name in signature:
             record["config"][name] = signature[name]
     for name in (*SIGNATURE_SETTINGS_FIELDS, "rope_scaling", "rope_scaling_factor"):
