@@ -1,4 +1,5 @@
-"""No module of moc_megatron imports itself back, directly or through others (lazy and type-only imports count)."""
+"""Code structure: no import cycles in moc_megatron (lazy and type-only imports count), and the command line
+is an argparse.Namespace only while it is parsed."""
 
 from __future__ import annotations
 
@@ -34,3 +35,9 @@ def test_the_cycle_finder_finds_lazy_and_package_cycles(tmp_path):
     assert ["pkg", "pkg.c", "pkg"] in cycles
     assert ["pkg.a", "pkg.b", "pkg.a"] in cycles
     assert not any("pkg.d" in c for c in cycles)
+
+
+def test_only_argument_parsing_takes_a_namespace():
+    """Past parsing and validation the command line is a RunConfig: no other function takes an argparse.Namespace."""
+    outside = [fn for fn in code_health.namespace_functions() if not code_health.is_argument_parsing(fn)]
+    assert outside == []
