@@ -48,7 +48,7 @@ def test_conversion_encodes_and_decodes_like_sentencepiece(tmp_path, tiny_texts,
     fast = sentencepiece_to_tokenizers(path)
     check_conversion(path, fast, tiny_texts[:20])  # raises on any difference
     sp = spm.SentencePieceProcessor(model_file=path)
-    text = "  def f(x):\n\treturn x ** 2  # 42, 3.14\n"  # the issue's text
+    text = "  def f(x):\n\treturn x ** 2  # 42, 3.14\n"  # indentation, a tab, digits
     assert fast.encode(text).ids == sp.encode(text)
     if rew and dummy:  # sentencepiece's defaults: the stripped text still gets its dummy prefix
         assert fast.encode(text).tokens[0].startswith("▁")
@@ -90,7 +90,7 @@ def test_a_conversion_that_differs_is_refused_naming_the_setting(tmp_path, tiny_
 def test_exported_tokenizer_loads_in_transformers_and_matches(tmp_path, tiny_texts):
     """The saved tokenizer.json, loaded by transformers' AutoTokenizer, encodes and decodes as sentencepiece."""
     transformers = pytest.importorskip("transformers")
-    path = train(tmp_path, tiny_texts, model_type="bpe", byte_fallback=True)  # the issue's model
+    path = train(tmp_path, tiny_texts, model_type="bpe", byte_fallback=True)  # BPE with byte fallback
     fast = sentencepiece_to_tokenizers(path)
     folder = tmp_path / "tok"
     folder.mkdir()

@@ -91,7 +91,7 @@ def test_run_config_is_frozen_and_replace_keeps_saved_args_in_step():
         run.seed = 3
     with pytest.raises(TypeError):
         run.saved_args["lr"] = 1.0
-    assert list(run.saved_args.items()) == list(json_args(args).items()), "checkpoints store the flags as before"
+    assert list(run.saved_args.items()) == list(json_args(args).items()), "checkpoints store the flags"
     longer = run.replace("schedule", lr_decay_iters=20)
     assert longer.schedule.lr_decay_iters == 20 and longer.saved_args["lr_decay_iters"] == 20
     assert run.schedule.lr_decay_iters == 10 and run.saved_args["lr_decay_iters"] == 10, "the original is unchanged"
