@@ -6,6 +6,7 @@
 - :mod:`~moc_megatron.checkpoint.model_config`: the flag -> ``MoCConfig`` field table and the model record
   (the model part of a run, stored as data).
 - :mod:`~moc_megatron.checkpoint.metadata`: the common state saved with the tensors.
+- :mod:`~moc_megatron.checkpoint.weights`: a weights-only iteration-0 checkpoint (import, tests).
 
 Nothing is imported here, so importing a submodule stays cheap.
 """

@@ -24,15 +24,13 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from moc_megatron.checkpoint.layout import checkpoint_name, write_tracker
-from moc_megatron.checkpoint.metadata import common_state, optimizer_metadata
 from moc_megatron.checkpoint.model_config import build_model_config, model_record, saved_flags
+from moc_megatron.checkpoint.weights import save_weights_checkpoint
 from moc_megatron.config import MoCConfig
 from moc_megatron.config_flags import add_moc_config_flags, flag_name, moc_config_kwargs
 from moc_megatron.data.tokenizer_record import TokenizerRecord, record_for
@@ -373,25 +371,3 @@ def hf_tokenizer_record(folder: str) -> TokenizerRecord | None:
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return record_for("HuggingFaceTokenizer", folder)
     return None
-
-
-def save_weights_checkpoint(models: dict, config: MoCConfig, settings: ModelSettings, path: str,
-                            saved_args: Mapping[str, Any], tokenizer_record: TokenizerRecord | None = None) -> None:
-    """Collective ``dist_checkpointing.save`` of model chunks' sharded state dicts (``{"model": ...}``, or
-    ``model0``, ``model1``, ... per virtual stage) as a weights-only iteration-0 checkpoint in ``path``.
-
-    ``saved_args`` are the flags stored with it (their parallel sizes are the layout it records);
-    ``tokenizer_record`` is checked by runs that load it.
-    """
-    from megatron.core import dist_checkpointing
-
-    layout = dict(tp=saved_args.get("tensor_model_parallel_size", 1),
-                  pp=saved_args.get("pipeline_model_parallel_size", 1), dp=1,
-                  ep=saved_args.get("expert_model_parallel_size", 1),
-                  vpp=saved_args.get("virtual_pipeline_model_parallel_size"))
-    optimizer = optimizer_metadata(bool(saved_args.get("use_distributed_optimizer")),
-                                   bool(saved_args.get("dist_ckpt_optim_fully_reshardable")))
-    state = {**models, **common_state(iteration=0, consumed_train_samples=0, saved_args=saved_args, config=config,
-                                      settings=settings, parallel_layout=layout, optimizer=optimizer,
-                                      saved_optimizer=False, saved_rng=False, tokenizer_record=tokenizer_record)}
-    dist_checkpointing.save(state, path)

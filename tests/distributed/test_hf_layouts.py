@@ -36,7 +36,7 @@ def _resave_worker() -> None:
 
     from moc_megatron import platform
     from moc_megatron.checkpoint import layout as meta
-    from moc_megatron.hf.importer import save_weights_checkpoint
+    from moc_megatron.checkpoint.weights import save_weights_checkpoint
     from moc_megatron.model.builder import build_model_chunks
     from moc_megatron.training.arguments import parse_run_config
     from moc_megatron.training.config_from_args import run_model_settings

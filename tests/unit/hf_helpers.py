@@ -7,7 +7,7 @@ import os
 import torch
 
 from moc_megatron.checkpoint import layout
-from moc_megatron.hf.importer import save_weights_checkpoint
+from moc_megatron.checkpoint.weights import save_weights_checkpoint
 from moc_megatron.model.builder import build_model
 from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.config_from_args import run_model_settings

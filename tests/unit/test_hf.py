@@ -16,12 +16,12 @@ transformers = pytest.importorskip("transformers")
 import hf_helpers as H  # noqa: E402  (tests/unit is on sys.path under pytest)
 
 from moc_megatron.checkpoint import layout as meta  # noqa: E402
+from moc_megatron.checkpoint.weights import save_weights_checkpoint  # noqa: E402
 from moc_megatron.hf.export import ExportError, ExportOptions, export_checkpoint  # noqa: E402
 from moc_megatron.hf.importer import (  # noqa: E402
     ImportError_,
     ImportOptions,
     import_checkpoint,
-    save_weights_checkpoint,  # noqa: E402
 )
 from moc_megatron.platform.megatron_versions import read_common_state  # noqa: E402
 
