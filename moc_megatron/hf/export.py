@@ -125,15 +125,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     tokenizer = TokenizerSpec.from_args(args, opts.tokenizer_model, opts.tokenizer_type, recorded)
     layout = reader.common.get("parallel_layout") or {}
     special = check_tokenizer(tokenizer, padded, args, layout, recorded, f"the checkpoint {path}")
-    vocab, source = true_vocabulary(tokenizer, recorded, args, opts.vocab_size)
-    if opts.keep_padded_vocab:
-        vocab, source = padded, "--keep-padded-vocab"
-    elif vocab is None:
-        raise ExportError(f"{path}: the true vocabulary is unknown (no tokenizer recorded or given, no --vocab-size "
-                          f"in its arguments); give --tokenizer-model or --vocab-size, or --keep-padded-vocab to "
-                          f"export all {padded} padded rows")
-    else:
-        check_vocab_pads_to(vocab, padded, args, layout, source)
+    vocab, source = _exported_vocabulary(opts, path, tokenizer, recorded, args, layout, padded)
     config["vocab_size"] = vocab
     plan = names.parameter_plan(config, padded)
     groups = names.group_by_key(plan)
@@ -149,14 +141,7 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     writer = ShardWriter(staging, shards, progress=log)
-    for n, (key, entries) in enumerate(groups, 1):
-        tensor = torch.empty(names.megatron_shape(entries)) if stored[key] is None else reader.load(stored[key])
-        for entry, part in zip(entries, names.split(tensor, entries, config)):
-            writer.add(entry.hf_name, part.to(dtype))
-        del tensor
-        if n % 50 == 0:
-            log(f"  read {n}/{len(groups)} checkpoint tensors")
-    writer.finish()
+    _write_tensors(reader, groups, stored, config, dtype, writer, log)
     _write_config(staging, config, special, opts.dtype, end_of_turn_id(tokenizer))
     write_tokenizer(tokenizer, staging, recorded)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -165,6 +150,34 @@ def export_checkpoint(opts: ExportOptions, log=print) -> str:
     os.rename(staging, opts.output)
     log(f"[export] wrote {opts.output} ({writer.total_bytes / 1e6:.1f} MB of weights) in {time.time() - start:.1f} s")
     return opts.output
+
+
+def _exported_vocabulary(opts: ExportOptions, path: str, tokenizer: TokenizerSpec, recorded, args: dict,
+                         layout: dict, padded: int) -> tuple[int, str]:
+    """The rows the Hugging Face model keeps (the true vocabulary, or ``padded`` with ``--keep-padded-vocab``) and
+    where that number comes from; the true vocabulary must pad to ``padded`` as the saving run padded."""
+    vocab, source = true_vocabulary(tokenizer, recorded, args, opts.vocab_size)
+    if opts.keep_padded_vocab:
+        return padded, "--keep-padded-vocab"
+    if vocab is None:
+        raise ExportError(f"{path}: the true vocabulary is unknown (no tokenizer recorded or given, no --vocab-size "
+                          f"in its arguments); give --tokenizer-model or --vocab-size, or --keep-padded-vocab to "
+                          f"export all {padded} padded rows")
+    check_vocab_pads_to(vocab, padded, args, layout, source)
+    return vocab, source
+
+
+def _write_tensors(reader: DistCheckpointReader, groups, stored: dict, config: dict, dtype: torch.dtype,
+                   writer: ShardWriter, log) -> None:
+    """Read the checkpoint one Megatron key at a time and hand its Hugging Face tensors to the shard writer."""
+    for n, (key, entries) in enumerate(groups, 1):
+        tensor = torch.empty(names.megatron_shape(entries)) if stored[key] is None else reader.load(stored[key])
+        for entry, part in zip(entries, names.split(tensor, entries, config)):
+            writer.add(entry.hf_name, part.to(dtype))
+        del tensor
+        if n % 50 == 0:
+            log(f"  read {n}/{len(groups)} checkpoint tensors")
+    writer.finish()
 
 
 def _write_config(folder: str, config: dict, special: dict, dtype: str, turn_end: int | None = None) -> None:
