@@ -7,22 +7,14 @@ import os
 import hf_helpers as H  # tests/unit is on sys.path under pytest
 import pytest
 import torch
+from test_arguments import BASE as FLAGS
+from test_arguments import MEMORY_FLAGS as MEMORY
 
-from moc_megatron.checkpoint.model_config import (
-    MODEL_CONFIG_KEY,
-    config_from_record,
-    model_record,
-    model_record_from_flags,
-    read_model_record,
-)
+from moc_megatron.checkpoint import model_config as mc
 from moc_megatron.checkpoint.signature import model_signature
 from moc_megatron.platform.megatron_versions import read_common_state
 from moc_megatron.training.arguments import parse_run_config
 from moc_megatron.training.config_from_args import run_model_settings
-
-FLAGS = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-         "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--vocab-size", "128"]
-MEMORY = ["--moc-memory-layers", "1", "3", "--moc-num-chapters", "9", "--moc-chapter-size", "4", "--moc-top-k", "2"]
 
 
 @pytest.mark.parametrize("extra", [
@@ -36,14 +28,15 @@ def test_saved_flags_give_the_same_model_as_the_record(extra):
     """A checkpoint saved before the model record existed (flags + signature) rebuilds the same model."""
     run = parse_run_config([*FLAGS, *extra], world_size=1, exit_on_error=False)
     settings = run_model_settings(run)
-    record = model_record(run.model, settings)
+    record = mc.model_record(run.model, settings)
     old = {"args": dict(run.saved_args), "model_signature": model_signature(run.model, settings)}
-    from_flags = model_record_from_flags(old["args"], old["model_signature"])
-    config, rebuilt = config_from_record(from_flags)
+    from_flags = mc.model_record_from_flags(old["args"], old["model_signature"])
+    config, rebuilt = mc.config_from_record(from_flags)
     assert rebuilt == settings
-    assert model_record(config, rebuilt) == record
-    assert model_record(*config_from_record(read_model_record(old, "old"))) == record
-    assert model_record(*config_from_record(read_model_record({**old, MODEL_CONFIG_KEY: record}, "new"))) == record
+    assert mc.model_record(config, rebuilt) == record
+    assert mc.model_record(*mc.config_from_record(mc.read_model_record(old, "old"))) == record
+    new = {**old, mc.MODEL_CONFIG_KEY: record}
+    assert mc.model_record(*mc.config_from_record(mc.read_model_record(new, "new"))) == record
 
 
 def test_a_checkpoint_without_a_model_record_loads_from_its_flags(tmp_path, mcore_world):
@@ -53,10 +46,10 @@ def test_a_checkpoint_without_a_model_record_loads_from_its_flags(tmp_path, mcor
     root = H.save_checkpoint(str(tmp_path / "ckpt"), model, run, config, settings)
     path = os.path.join(root, "iter_0000000")
     common = read_common_state(path)
-    assert common[MODEL_CONFIG_KEY] == model_record(config, settings)
-    del common[MODEL_CONFIG_KEY]
+    assert common[mc.MODEL_CONFIG_KEY] == mc.model_record(config, settings)
+    del common[mc.MODEL_CONFIG_KEY]
     torch.save(common, os.path.join(path, "common.pt"))  # a common.pt is read first, whichever release saved it
-    assert MODEL_CONFIG_KEY not in read_common_state(path)
+    assert mc.MODEL_CONFIG_KEY not in read_common_state(path)
     tokens = torch.randint(0, H.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(H.megatron_logits(H.load_megatron_checkpoint(root), tokens),
                                H.megatron_logits(model, tokens), rtol=0, atol=0)
