@@ -4,7 +4,9 @@
 One flag per field: ``moc_num_chapters`` -> ``--moc-num-chapters``, its help text is the field's
 docstring, its type comes from the annotation (``list[int]`` -> several ints, ``Literal`` -> choices,
 ``bool`` -> ``--moc-x/--no-moc-x``). The defaults stay ``None`` so that a preset, and then
-``MoCConfig`` itself, supply the value when the flag is not given.
+``MoCConfig`` itself, supply the value when the flag is not given. The memory's optimisation flags
+(``--moc-memory-lr``, ``--moc-bank-lr``, ``--moc-freeze-bank``) are not model configuration and are added by
+:func:`add_moc_training_flags`.
 """
 
 from __future__ import annotations
