@@ -27,9 +27,9 @@ from moc_megatron.memory.bank import MemoryBank
 from moc_megatron.memory.chapter_attention import chapter_attention
 from moc_megatron.memory.dispatcher import CommBytes, Dispatched, all_to_all_bytes, make_dispatcher
 from moc_megatron.memory.documents import DocumentUnits
+from moc_megatron.memory.norm import MemoryRMSNorm
 from moc_megatron.memory.router import ChapterRouter, chapter_weights
 from moc_megatron.memory.units import RoutingUnits
-from moc_megatron.model.norm import MemoryRMSNorm
 from moc_megatron.parallel.groups import MemoryGroups, memory_groups
 
 

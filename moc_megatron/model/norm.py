@@ -5,9 +5,6 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-# The memory norms live in memory/norm.py; memory_attention.py still imports MemoryRMSNorm from here.
-from moc_megatron.memory.norm import MemoryRMSNorm, TEMemoryRMSNorm  # noqa: F401
-
 
 class LocalNorm(torch.nn.Module):
     """torch's RMSNorm or LayerNorm, per ``config.normalization``.
