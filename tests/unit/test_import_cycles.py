@@ -41,3 +41,11 @@ def test_only_argument_parsing_takes_a_namespace():
     """Past parsing and validation the command line is a RunConfig: no other function takes an argparse.Namespace."""
     outside = [fn for fn in code_health.namespace_functions() if not code_health.is_argument_parsing(fn)]
     assert outside == []
+
+
+def test_no_import_cycles_between_subpackages():
+    """``memory`` does not import ``model``, which imports ``memory``; no other pair of subpackages loops either."""
+    packages = code_health.package_graph(code_health.import_graph())
+    cycles = [c for comp in code_health.strongly_connected(packages) for c in code_health.simple_cycles(packages, comp)]
+    assert cycles == [], "subpackage import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert "moc_megatron.model" not in packages["moc_megatron.memory"]
