@@ -67,8 +67,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from moc_megatron import platform
     from moc_megatron.memory.aux_losses import set_aux_loss_scale
-    from moc_megatron.model.flops import padded_vocab_size, preset_config
     from moc_megatron.model.moc_model import MoCGPTModel
+    from moc_megatron.model.model_report import padded_vocab_size, preset_config
     from moc_megatron.parallel.bank_group import finalize_model_grads_with_bank
     from moc_megatron.presets import get_preset
     from moc_megatron.training.logging import memory_layers

@@ -66,8 +66,8 @@ def _dense_config(config: MoCConfig, num_layers: int) -> MoCConfig:
 
 def build(config: MoCConfig, preset: Preset, seq_length: int) -> MoCGPTModel:
     """A real (initialised) CPU model for ``config``."""
-    from moc_megatron.model.flops import padded_vocab_size
     from moc_megatron.model.moc_model import MoCGPTModel
+    from moc_megatron.model.model_report import padded_vocab_size
 
     return MoCGPTModel(config, padded_vocab_size(preset), seq_length, tie_embeddings=preset.tie_embeddings,
                        rotary_base=preset.rotary_base, use_te=False).train()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from moc_megatron import platform
-    from moc_megatron.model.flops import padded_vocab_size, preset_config
+    from moc_megatron.model.model_report import padded_vocab_size, preset_config
     from moc_megatron.presets import get_preset
 
     platform.initialize_distributed()

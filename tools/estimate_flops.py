@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.micro_batch_size < 1 or args.documents_per_sequence < 1:
         print("--micro-batch-size and --documents-per-sequence must be at least 1", file=sys.stderr)
         return 2
-    from moc_megatron.model.flops import estimate_preset
+    from moc_megatron.model.model_report import estimate_preset
 
     summary = estimate_preset(args.preset, args.seq_length, routing_unit=args.moc_routing_unit,
                               micro_batch_size=args.micro_batch_size,

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from moc_megatron.model import flops
+from moc_megatron.model import flops, model_report
 from moc_megatron.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("mcore_world")
@@ -53,12 +53,12 @@ OUR_EXTRA_PER_MEMORY_LAYER = -768 - 1 + 2 * 768
 
 
 def paper_config(name: str):
-    return flops.preset_config(get_preset(name))
+    return model_report.preset_config(get_preset(name))
 
 
 @pytest.fixture(scope="module")
 def estimates():
-    return {name: flops.estimate_preset(name) for name in (*PAPER_MODELS, "moc-tiny")}
+    return {name: model_report.estimate_preset(name) for name in (*PAPER_MODELS, "moc-tiny")}
 
 
 def tera(n: int) -> float:
@@ -159,7 +159,7 @@ def test_appendix_a41_parameters(estimates):
 
 def test_tied_embeddings_counted_once(estimates):
     tiny = estimates["moc-tiny"]
-    model = flops.build_meta_model(get_preset("moc-tiny"))
+    model = model_report.build_meta_model(get_preset("moc-tiny"))
     embedding = model.embedding.word_embeddings.weight.numel()
     naive = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     assert tiny.parameters.total == sum(p.numel() for p in model.parameters())
@@ -170,7 +170,7 @@ def test_tied_embeddings_counted_once(estimates):
 
 def test_paper_size_model_builds_on_meta_quickly():
     start = time.perf_counter()
-    model = flops.build_meta_model(get_preset("moc-paper"))
+    model = model_report.build_meta_model(get_preset("moc-paper"))
     assert time.perf_counter() - start < 30  # about 0.05 s on a 2-core dev machine
     assert all(p.is_meta for p in model.parameters())
     assert model.memory_bank.routed.shape == (4096, 64, 768)
@@ -186,31 +186,31 @@ def test_flops_scale_with_sequence_length():
 
 
 def test_causal_routing_units_bound_projected_memory():
-    config = flops.preset_config(get_preset("moc-paper"), moc_routing_unit="token")
+    config = model_report.preset_config(get_preset("moc-paper"), moc_routing_unit="token")
     assert flops.routing_units(config, L) == L
     assert flops.memory_tokens_projected(config, L) == 4097 * 64  # every chapter may get traffic
-    chunk = flops.preset_config(get_preset("moc-paper"), moc_routing_unit="chunk", moc_chunk_size=256)
+    chunk = model_report.preset_config(get_preset("moc-paper"), moc_routing_unit="chunk", moc_chunk_size=256)
     assert flops.routing_units(chunk, L) == 4
     assert flops.memory_tokens_projected(chunk, L) == (1 + 4 * 64) * 64
 
 
 def test_chapters_are_counted_once_per_micro_batch_and_documents_route_once_each():
-    token = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="token")
+    token = model_report.preset_config(get_preset("moc-tiny"), moc_routing_unit="token")
     L, c, t = 128, token.moc_num_chapters, token.moc_chapter_size
     # One sequence of 128 tokens at top-k may touch every chapter; 16 sequences share one projection.
     assert flops.memory_tokens_projected(token, L, micro_batch_size=1) == c * t
     assert flops.memory_tokens_projected(token, L, micro_batch_size=16) == round(c * t / 16)
     one, many = (flops.estimate_flops(token, 2048, L, micro_batch_size=b).forward for b in (1, 16))
     assert many < one
-    sequence = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="sequence")
-    document = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="document", moc_chunk_size=L)
+    sequence = model_report.preset_config(get_preset("moc-tiny"), moc_routing_unit="sequence")
+    document = model_report.preset_config(get_preset("moc-tiny"), moc_routing_unit="document", moc_chunk_size=L)
     # One document per sequence, read in one piece, is sequence routing; three documents route three times.
     assert flops.estimate_flops(document, 2048, L).forward == flops.estimate_flops(sequence, 2048, L).forward
     assert flops.routing_units(document, L, documents=3) == 3
     three = flops.estimate_flops(document, 2048, L, documents=3).forward
     assert three > flops.estimate_flops(document, 2048, L).forward
-    chunk = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16)
-    separated = flops.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16,
+    chunk = model_report.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16)
+    separated = model_report.preset_config(get_preset("moc-tiny"), moc_routing_unit="chunk", moc_chunk_size=16,
                                     reset_attention_mask=True)
     assert flops.routing_units(chunk, L, documents=3) == 8 and flops.routing_units(separated, L, documents=3) == 10
 
@@ -230,5 +230,5 @@ def test_tool_json_and_text(run_tool, capsys):
 
 
 def test_meta_build_leaves_default_device_alone():
-    flops.build_meta_model(get_preset("moc-tiny"))
+    model_report.build_meta_model(get_preset("moc-tiny"))
     assert torch.empty(1).device.type == "cpu"
