@@ -24,6 +24,10 @@ that introduced it (``since(...)``), named after what changed, and tested in tes
   whose ``--lr`` differs cannot load the optimizer; :func:`align_saved_param_groups` makes the saved groups
   and the run's agree on the keys the scheduler owns (the scheduler itself is checked against the flags
   before, with this project's one-line error).
+- Full CUDA-graph scope (every supported release): the default scope is the string ``"full"``, which
+  ``TransformerConfig.__post_init__`` replaces by the empty list (the same: the whole layer) with the warning
+  "full scope is deprecated" on every config built; the field is ``cuda_graph_scope`` on 0.16.1 and
+  ``cuda_graph_modules`` on 0.19. :func:`empty_full_cuda_graph_scope` makes that replacement first, silently.
 
 Checkpoints: one saved by 0.16-0.18 (``common.pt``) loads on 0.19 as shipped; one saved by 0.19 loads on
 0.16-0.18 through :func:`adapt_common_state_loading` (applied by ``init_platform()``).
@@ -125,6 +129,22 @@ def quiet_internal_notices() -> None:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_DropNotice(prefix))
+
+
+# --- CUDA graph scope (every release) ---------------------------------------------------------------------
+
+CUDA_GRAPH_SCOPE_FIELDS = ("cuda_graph_modules", "cuda_graph_scope")  # 0.19's name, the older one
+
+
+def empty_full_cuda_graph_scope(config: object) -> None:
+    """Replace a ``"full"`` CUDA-graph scope of a ``TransformerConfig`` by ``[]`` before its ``__post_init__``.
+
+    megatron-core makes the same replacement itself, warning that ``"full"`` (its own default) is deprecated;
+    done here first, a config built with the defaults warns nothing. Other values are left as given.
+    """
+    for name in CUDA_GRAPH_SCOPE_FIELDS:
+        if getattr(config, name, None) == "full":
+            setattr(config, name, [])
 
 
 # --- MoE aux-loss tracker (0.18) -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 
 import pytest
@@ -76,6 +77,27 @@ def test_internal_notices_are_dropped_and_nothing_else(caplog):
             logger.warning("another warning")
         assert [r.getMessage() for r in caplog.records if r.name == logger_name] == ["another warning"]
         caplog.clear()
+
+
+def test_default_cuda_graph_scope_is_emptied_without_the_full_scope_warning():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from moc_megatron.config import MoCConfig
+
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+    defaults = TransformerConfig.__dataclass_fields__
+    name = next(n for n in mv.CUDA_GRAPH_SCOPE_FIELDS if n in defaults and defaults[n].default == "full")
+    with pytest.warns(UserWarning, match="full scope is deprecated"):
+        plain = TransformerConfig(**shape)  # megatron-core's own default, as it warns about it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = MoCConfig(**shape)
+    assert [str(w.message) for w in caught] == []
+    assert getattr(config, name) == getattr(plain, name) == []
+    chosen, full = types.SimpleNamespace(**{name: ["attn"]}), types.SimpleNamespace(**{name: "full"})
+    mv.empty_full_cuda_graph_scope(chosen)
+    mv.empty_full_cuda_graph_scope(full)
+    assert getattr(chosen, name) == ["attn"] and getattr(full, name) == []
 
 
 def _save(path, common: dict, as_release: str) -> None:
