@@ -112,7 +112,7 @@ def load_megatron(load_dir: str, iteration: int | None = None, tokenizer_type: s
     The tokenizer is the one the run was trained with (``--tokenizer-type/--tokenizer-model`` saved in
     the checkpoint) unless given here.
     """
-    from megatron.core import dist_checkpointing
+    from moc_megatron.platform import megatron_versions
 
     path, iteration = resolve_checkpoint(load_dir, iteration)
     args, common = saved_training_args(path)
@@ -123,7 +123,7 @@ def load_megatron(load_dir: str, iteration: int | None = None, tokenizer_type: s
                                   "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     model = build_megatron_model_from_args(args, common["model_signature"])
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    loaded = megatron_versions.load_dist_checkpoint({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
     model.float().eval()
     info = dict(checkpoint=path, iteration=iteration, num_layers=args.num_layers, hidden_size=args.hidden_size,
@@ -140,6 +140,7 @@ def load_hf(folder: str, tokenizer_type: str | None = None, tokenizer_model: str
     given here.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckpointLoadError(f"--hf {folder}: no config.json (not a Hugging Face model folder)")
@@ -152,7 +153,13 @@ def load_hf(folder: str, tokenizer_type: str | None = None, tokenizer_model: str
             raise CheckpointLoadError(f"--hf {folder}: no tokenizer.json or tokenizer.model; give --tokenizer-type "
                                       "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
-                                                 dtype=torch.float32)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar above the evaluation's report
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                     dtype=torch.float32)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     model.eval()
     return EvalModel(model, tokenizer, "hf", tokenizer.vocab_size, dict(folder=folder))

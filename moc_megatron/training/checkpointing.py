@@ -15,7 +15,6 @@ import argparse
 import os
 import random
 import shutil
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ from moc_megatron.data.tokenizer_record import (
 )
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform import optimizer_state, reshardable_optimizer
-from moc_megatron.platform.megatron_versions import align_saved_param_groups, read_common_state
+from moc_megatron.platform.megatron_versions import align_saved_param_groups, load_dist_checkpoint, read_common_state
 from moc_megatron.training import checkpoint_meta as meta
 from moc_megatron.training.checkpoint_meta import CheckpointError, CheckpointNotFoundError
 from moc_megatron.training.config_from_args import as_run_config
@@ -329,9 +328,7 @@ def load_training_state(run: RunConfig, model: list[torch.nn.Module], optimizer:
             "layout; checkpoints saved with --dist-ckpt-optim-fully-reshardable load at any layout")
     state = _state_dict(model, optimizer if load_optim else None, scheduler, load_rng, run, is_loading=True,
                         optimizer_metadata=saved_optim if load_optim else None)
-    with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
-        warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
-        loaded = dist_checkpointing.load(state, path)
+    loaded = load_dist_checkpoint(state, path)
     for key, chunk in zip(_model_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if load_optim:
