@@ -28,9 +28,11 @@ that introduced it (``since(...)``), named after what changed, and tested in tes
   ``TransformerConfig.__post_init__`` replaces by the empty list (the same: the whole layer) with the warning
   "full scope is deprecated" on every config built; the field is ``cuda_graph_scope`` on 0.16.1 and
   ``cuda_graph_modules`` on 0.19. :func:`empty_full_cuda_graph_scope` makes that replacement first, silently.
-- Deprecated torch loading API (0.16.1): ``dist_checkpointing.load`` calls torch's
-  ``checkpoint.load_state_dict``, and torch warns (FutureWarning) on every load that it is deprecated; 0.19
-  calls ``checkpoint.load``. :func:`load_dist_checkpoint` loads without that notice on any release.
+- Torch's notices on a checkpoint load: on 0.16.1 ``dist_checkpointing.load`` calls torch's deprecated
+  ``checkpoint.load_state_dict`` (a FutureWarning on every load); 0.19 calls ``checkpoint.load`` with
+  positional arguments ("The argument order of load has been changed") and, in a process without a process
+  group (evaluation, export), torch notes that it assumes one process. :func:`load_dist_checkpoint` loads
+  without these notices on any release; they are about megatron-core's calls, not the caller's.
 
 Checkpoints: one saved by 0.16-0.18 (``common.pt``) loads on 0.19 as shipped; one saved by 0.19 loads on
 0.16-0.18 through :func:`adapt_common_state_loading` (applied by ``init_platform()``).
@@ -263,12 +265,14 @@ def adapt_common_state_loading() -> bool:
 
 
 def load_dist_checkpoint(sharded_state_dict: dict, path: str) -> dict:
-    """``dist_checkpointing.load(sharded_state_dict, path)`` without torch's notice that megatron-core 0.16.1
-    calls its deprecated ``load_state_dict`` (the notice is about megatron-core's code, not the caller's)."""
+    """``dist_checkpointing.load(sharded_state_dict, path)`` without torch's notices about the way megatron-core
+    calls it (0.16.1: the deprecated ``load_state_dict``; 0.19: positional arguments, and one process)."""
     from megatron.core import dist_checkpointing
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"The argument order of load has been changed", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
         return dist_checkpointing.load(sharded_state_dict, path)
 
 
