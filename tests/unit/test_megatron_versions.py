@@ -51,14 +51,14 @@ def test_aux_loss_tracker_is_read_reset_and_forgotten_on_the_installed_release()
 
 def test_mlp_slot_is_built_without_rewrapping(mcore_world, caplog):
     from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from moc_megatron import platform
+    from moc_megatron.config import MoCConfig
     from moc_megatron.model.layer_specs import local_layer_spec
 
     spec = local_layer_spec()
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                               use_cpu_initialization=True, **platform.transformer_config_overrides())
+    config = MoCConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
+                       use_cpu_initialization=True, **platform.transformer_config_overrides())
     with caplog.at_level(logging.WARNING):
         layer = spec.module(config=config, submodules=spec.submodules, layer_number=1)
     assert isinstance(layer.mlp, MLP)
