@@ -98,7 +98,10 @@ PY
 
 step "8/8 (optional) lm-evaluation-harness, offline, on a local 8-question task: runs only when the eval extra is installed (pip install -e '.[eval]'; scripts/setup.sh does not install it)"
 if python -c "import lm_eval" 2>/dev/null; then
-  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 run lm_eval --model hf \
+  # Warnings and the report only: no INFO log lines, no loading/dataset bars for an 8-question task (lm-eval's
+  # own bars over the requests stay: it switches them on explicitly).
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LMEVAL_LOG_LEVEL=WARNING TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
+      HF_DATASETS_DISABLE_PROGRESS_BARS=1 run lm_eval --model hf \
       --model_args "pretrained=$RUN/hf,trust_remote_code=True,dtype=float32" \
       --include_path examples/lm_eval --tasks quickstart_mc --batch_size 4 --device cpu
 else

@@ -11,6 +11,8 @@ from typing import Literal
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from moc_megatron.platform import megatron_versions
+
 RoutingUnit = Literal["sequence", "document", "chunk", "token"]
 Gating = Literal["paper", "mixture"]
 AttentionImpl = Literal["auto", "triton", "blocked", "gather"]
@@ -101,6 +103,7 @@ class MoCConfig(TransformerConfig):
                     "add_bias_linear=False (megatron-core allows no biases with expert tensor parallelism)"
                 )
             self.num_moe_experts = max(self.moc_num_chapters - self.moc_num_shared_chapters, 1)
+        megatron_versions.empty_full_cuda_graph_scope(self)  # no CUDA graph is captured from a MoC config
         super().__post_init__()
         if self.moc_num_heads is None:
             self.moc_num_heads = self.num_attention_heads

@@ -57,7 +57,8 @@ def read_tracker(root: str) -> int | None:
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:  # closed at once (a bare open().read() leaves it to the garbage collector)
+        text = f.read().strip()
     if text == "release":
         return 0
     try:

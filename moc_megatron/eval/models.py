@@ -107,7 +107,7 @@ def load_megatron(load_dir: str, iteration: int | None = None, tokenizer_type: s
     The tokenizer is the one the run was trained with (``--tokenizer-type/--tokenizer-model`` saved in
     the checkpoint) unless given here.
     """
-    from megatron.core import dist_checkpointing
+    from moc_megatron.platform import megatron_versions
 
     path, iteration = resolve_checkpoint(load_dir, iteration)
     common = saved_common_state(path)
@@ -119,7 +119,7 @@ def load_megatron(load_dir: str, iteration: int | None = None, tokenizer_type: s
                                   "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     model = build_megatron_model(common, path)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    loaded = megatron_versions.load_dist_checkpoint({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
     model.float().eval()
     config = model.config
@@ -137,6 +137,7 @@ def load_hf(folder: str, tokenizer_type: str | None = None, tokenizer_model: str
     given here.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckpointLoadError(f"--hf {folder}: no config.json (not a Hugging Face model folder)")
@@ -149,7 +150,13 @@ def load_hf(folder: str, tokenizer_type: str | None = None, tokenizer_model: str
             raise CheckpointLoadError(f"--hf {folder}: no tokenizer.json or tokenizer.model; give --tokenizer-type "
                                       "and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
-                                                 dtype=torch.float32)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar above the evaluation's report
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                     dtype=torch.float32)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     model.eval()
     return EvalModel(model, tokenizer, "hf", tokenizer.vocab_size, dict(folder=folder))

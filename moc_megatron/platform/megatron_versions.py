@@ -24,6 +24,15 @@ that introduced it (``since(...)``), named after what changed, and tested in tes
   whose ``--lr`` differs cannot load the optimizer; :func:`align_saved_param_groups` makes the saved groups
   and the run's agree on the keys the scheduler owns (the scheduler itself is checked against the flags
   before, with this project's one-line error).
+- Full CUDA-graph scope (every supported release): the default scope is the string ``"full"``, which
+  ``TransformerConfig.__post_init__`` replaces by the empty list (the same: the whole layer) with the warning
+  "full scope is deprecated" on every config built; the field is ``cuda_graph_scope`` on 0.16.1 and
+  ``cuda_graph_modules`` on 0.19. :func:`empty_full_cuda_graph_scope` makes that replacement first, silently.
+- Torch's notices on a checkpoint load: on 0.16.1 ``dist_checkpointing.load`` calls torch's deprecated
+  ``checkpoint.load_state_dict`` (a FutureWarning on every load); 0.19 calls ``checkpoint.load`` with
+  positional arguments ("The argument order of load has been changed") and, in a process without a process
+  group (evaluation, export), torch notes that it assumes one process. :func:`load_dist_checkpoint` loads
+  without these notices on any release; they are about megatron-core's calls, not the caller's.
 
 Checkpoints: one saved by 0.16-0.18 (``common.pt``) loads on 0.19 as shipped; one saved by 0.19 loads on
 0.16-0.18 through :func:`adapt_common_state_loading` (applied by ``init_platform()``).
@@ -125,6 +134,22 @@ def quiet_internal_notices() -> None:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_DropNotice(prefix))
+
+
+# --- CUDA graph scope (every release) ---------------------------------------------------------------------
+
+CUDA_GRAPH_SCOPE_FIELDS = ("cuda_graph_modules", "cuda_graph_scope")  # 0.19's name, the older one
+
+
+def empty_full_cuda_graph_scope(config: object) -> None:
+    """Replace a ``"full"`` CUDA-graph scope of a ``TransformerConfig`` by ``[]`` before its ``__post_init__``.
+
+    megatron-core makes the same replacement itself, warning that ``"full"`` (its own default) is deprecated;
+    done here first, a config built with the defaults warns nothing. Other values are left as given.
+    """
+    for name in CUDA_GRAPH_SCOPE_FIELDS:
+        if getattr(config, name, None) == "full":
+            setattr(config, name, [])
 
 
 # --- MoE aux-loss tracker (0.18) -------------------------------------------------------------------------
@@ -237,6 +262,18 @@ def adapt_common_state_loading() -> bool:
     load_common._moc_reads_distcp = True  # type: ignore[attr-defined]
     TorchCommonLoadStrategy.load_common = load_common
     return True
+
+
+def load_dist_checkpoint(sharded_state_dict: dict, path: str) -> dict:
+    """``dist_checkpointing.load(sharded_state_dict, path)`` without torch's notices about the way megatron-core
+    calls it (0.16.1: the deprecated ``load_state_dict``; 0.19: positional arguments, and one process)."""
+    from megatron.core import dist_checkpointing
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"The argument order of load has been changed", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        return dist_checkpointing.load(sharded_state_dict, path)
 
 
 # --- optimizer param-group matching on load (0.19) -----------------------------------------------------

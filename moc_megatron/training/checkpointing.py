@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,7 @@ from moc_megatron.config import MoCConfig
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, record_from_checkpoint_state
 from moc_megatron.model.builder import ModelSettings
 from moc_megatron.platform import optimizer_state, reshardable_optimizer
-from moc_megatron.platform.megatron_versions import align_saved_param_groups, read_common_state
+from moc_megatron.platform.megatron_versions import align_saved_param_groups, load_dist_checkpoint, read_common_state
 from moc_megatron.training.fault_injection import maybe_stall_save
 from moc_megatron.training.logging import print_rank_0
 from moc_megatron.training.run_config import CheckpointConfig, RunConfig, ScheduleConfig
@@ -346,9 +345,7 @@ def carry_out(plan: LoadPlan, run: RunConfig, model: list[torch.nn.Module], opti
         print_rank_0(note)
     state = _state_dict(model, optimizer if plan.load_optimizer else None, scheduler, plan.load_rng, run,
                         is_loading=True, optimizer_metadata=plan.optimizer_metadata)
-    with warnings.catch_warnings():  # torch's notice about the API megatron-core 0.16.1 calls, not about us
-        warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
-        loaded = dist_checkpointing.load(state, plan.path)
+    loaded = load_dist_checkpoint(state, plan.path)
     for key, chunk in zip(_model_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if plan.load_optimizer:

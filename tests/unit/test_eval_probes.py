@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -297,9 +298,11 @@ def _have(module: str) -> bool:
 
 @pytest.mark.skipif(not (_have("transformers") and _have("moc_megatron.hf.export")),
                     reason="needs transformers and the Hugging Face export (moc_megatron.hf.export)")
-def test_hf_backend_matches_megatron(checkpoints, sp_model, tmp_path):
-    """--hf (transformers' AutoModelForCausalLM on an exported folder) scores as --load does."""
+def test_hf_backend_matches_megatron(checkpoints, sp_model, tmp_path, capfd):
+    """--hf (transformers' AutoModelForCausalLM on an exported folder) scores as --load does; neither load
+    prints a progress bar or warns (torch's notice about megatron-core 0.16.1's deprecated load call included)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.utils import logging as hf_logging
 
     from moc_megatron.eval.models import load_hf
     from moc_megatron.hf import export
@@ -315,8 +318,15 @@ def test_hf_backend_matches_megatron(checkpoints, sp_model, tmp_path):
     export.export_checkpoint(export.ExportOptions(load=str(checkpoints / "moc"), output=str(out),
                                                   tokenizer_model=str(folder), tokenizer_type="HuggingFaceTokenizer"),
                              log=lambda *a, **k: None)
-    hf = load_hf(str(out), "SentencePieceTokenizer", sp_model)
-    mg = load_megatron(str(checkpoints / "moc"), tokenizer_type="SentencePieceTokenizer", tokenizer_model=sp_model)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf = load_hf(str(out), "SentencePieceTokenizer", sp_model)
+        mg = load_megatron(str(checkpoints / "moc"), tokenizer_type="SentencePieceTokenizer",
+                           tokenizer_model=sp_model)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))] == []
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched off for the load only
     tokens = torch.randint(0, 512, (3, 9))
     torch.testing.assert_close(hf.logits(tokens), mg.logits(tokens), rtol=1e-4, atol=1e-4)
     probes = [Probe(id=str(i), prompt=f"The colour of person {i} is", completion=c, attribute="colour")

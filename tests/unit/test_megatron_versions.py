@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 
 import pytest
@@ -50,14 +51,14 @@ def test_aux_loss_tracker_is_read_reset_and_forgotten_on_the_installed_release()
 
 def test_mlp_slot_is_built_without_rewrapping(mcore_world, caplog):
     from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from moc_megatron import platform
+    from moc_megatron.config import MoCConfig
     from moc_megatron.model.layer_specs import local_layer_spec
 
     spec = local_layer_spec()
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                               use_cpu_initialization=True, **platform.transformer_config_overrides())
+    config = MoCConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
+                       use_cpu_initialization=True, **platform.transformer_config_overrides())
     with caplog.at_level(logging.WARNING):
         layer = spec.module(config=config, submodules=spec.submodules, layer_number=1)
     assert isinstance(layer.mlp, MLP)
@@ -76,6 +77,27 @@ def test_internal_notices_are_dropped_and_nothing_else(caplog):
             logger.warning("another warning")
         assert [r.getMessage() for r in caplog.records if r.name == logger_name] == ["another warning"]
         caplog.clear()
+
+
+def test_default_cuda_graph_scope_is_emptied_without_the_full_scope_warning():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from moc_megatron.config import MoCConfig
+
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+    defaults = TransformerConfig.__dataclass_fields__
+    name = next(n for n in mv.CUDA_GRAPH_SCOPE_FIELDS if n in defaults and defaults[n].default == "full")
+    with pytest.warns(UserWarning, match="full scope is deprecated"):
+        plain = TransformerConfig(**shape)  # megatron-core's own default, as it warns about it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = MoCConfig(**shape)
+    assert [str(w.message) for w in caught] == []
+    assert getattr(config, name) == getattr(plain, name) == []
+    chosen, full = types.SimpleNamespace(**{name: ["attn"]}), types.SimpleNamespace(**{name: "full"})
+    mv.empty_full_cuda_graph_scope(chosen)
+    mv.empty_full_cuda_graph_scope(full)
+    assert getattr(chosen, name) == ["attn"] and getattr(full, name) == []
 
 
 def _save(path, common: dict, as_release: str) -> None:
