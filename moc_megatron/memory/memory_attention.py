@@ -76,7 +76,7 @@ class MoCMemoryAttention(MegatronModule):
         plain = copy.copy(config)
         plain.sequence_parallel = False
         linear = dict(config=plain, init_method=config.init_method, bias=False, gather_output=False,
-                      skip_bias_add=False, is_expert=False)
+                      skip_bias_add=False, is_expert=False, tp_group=self.groups.tp)
         q_width = config.moc_num_heads * self.head_dim
         kv_width = config.moc_num_query_groups * self.head_dim
         self.linear_q = build_module(submodules.linear_q, config.hidden_size, q_width, **linear,
@@ -96,6 +96,7 @@ class MoCMemoryAttention(MegatronModule):
             skip_bias_add=True,
             is_expert=False,
             tp_comm_buffer_name="moc_o",
+            tp_group=self.groups.tp,
         )
         self.shared_norm = build_module(submodules.shared_norm, config=config, hidden_size=config.moc_bank_dim,
                                         eps=config.layernorm_epsilon)
@@ -136,7 +137,8 @@ class MoCMemoryAttention(MegatronModule):
         if cfg.sequence_parallel and self.groups.tp_size > 1:
             # W_Q's column-parallel backward already all-reduces its input gradient and the router's
             # is complete on every rank, so the gather's backward keeps this rank's slice, no sum.
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                                 group=self.groups.tp)
         s, b, _ = hidden_states.shape
         training = self.training and torch.is_grad_enabled()
         layout = self.routing_layout(key_value_states)
@@ -145,7 +147,7 @@ class MoCMemoryAttention(MegatronModule):
         shared_w, routed_w = chapter_weights(routing, cfg)
         # Each tensor-parallel rank sees only its heads' share of the weights' gradient. Applied to the cat:
         # megatron's all-reduce of a non-contiguous gradient (a slice of cat's) would be lost.
-        weights = copy_to_tensor_model_parallel_region(torch.cat([shared_w, routed_w], dim=1))
+        weights = copy_to_tensor_model_parallel_region(torch.cat([shared_w, routed_w], dim=1), group=self.groups.tp)
         # Ragged units (documents) are read as fixed-length pieces carrying their unit's route.
         chapters, weights = layout.per_piece(routing.chapters), layout.per_piece(weights)
 
