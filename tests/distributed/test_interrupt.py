@@ -38,6 +38,12 @@ SLEEPING_TEST = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: a shell's background job starts with SIGINT ignored, and a Python started
+    that way never raises KeyboardInterrupt; the test is about what pytest does when it does get one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -54,7 +60,8 @@ def test_signal_to_pytest_ends_torchrun_and_its_ranks(tmp_path, sig):
     env = {**os.environ, "PID_DIR": str(pids), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(test_file)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own group: the signal below reaches pytest only
+                            start_new_session=True,  # its own group: the signal below reaches pytest only
+                            preexec_fn=_default_sigint)
     session = psutil.Process(proc.pid)
     tree: list[psutil.Process] = []
     try:
@@ -66,7 +73,7 @@ def test_signal_to_pytest_ends_torchrun_and_its_ranks(tmp_path, sig):
         ranks = {int((pids / f"rank{r}").read_text()) for r in (0, 1)}
         assert ranks <= {p.pid for p in tree}  # torchrun and both ranks are pytest's descendants
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
         deadline = time.monotonic() + 20
         while any(_alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
