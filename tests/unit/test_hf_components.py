@@ -74,7 +74,7 @@ def _features_routed(memory: HFMemory, x: torch.Tensor, doc_start: torch.Tensor 
     route = memory._route
     memory._route = lambda f: (seen.append(f.clone()), route(f))[1]
     real = torch.ones(x.shape[:2], dtype=torch.bool)
-    memory(x, real, None if memory.bank is None else memory.bank, None, doc_start)
+    memory(x, real, memory.bank, None, doc_start)
     return torch.cat(seen)
 
 
