@@ -5,7 +5,8 @@ One flag per field: ``moc_num_chapters`` -> ``--moc-num-chapters``, its help tex
 docstring, its type comes from the annotation (``list[int]`` -> several ints, ``Literal`` -> choices,
 ``bool`` -> ``--moc-x/--no-moc-x``). The defaults stay ``None`` so that a preset, and then
 ``MoCConfig`` itself, supply the value when the flag is not given. The memory's optimisation flags
-(``--moc-memory-lr``, ``--moc-bank-lr``, ``--moc-freeze-bank``) are not model configuration and are added by
+(``--moc-memory-lr``, ``--moc-bank-lr``, ``--moc-memory-weight-decay``, ``--moc-bank-weight-decay``,
+``--moc-freeze-bank``) are not model configuration and are added by
 :func:`add_moc_training_flags`.
 """
 
@@ -98,6 +99,13 @@ def add_moc_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moc-bank-lr", type=float, default=None,
                        help="Peak learning rate of the memory bank; default --lr. Its minimum LR is --min-lr "
                             "scaled by the same ratio.")
+    group.add_argument("--moc-memory-weight-decay", type=float, default=None,
+                       help="Weight decay of the memory layers' matrices (W_Q/W_K/W_V/W_O, router); default "
+                            "--weight-decay. Applied as a multiple of --weight-decay (which must be > 0), so a "
+                            "--start/--end-weight-decay schedule scales by the same ratio.")
+    group.add_argument("--moc-bank-weight-decay", type=float, default=None,
+                       help="Weight decay of the memory bank; default --weight-decay. Applied as a multiple of "
+                            "--weight-decay (which must be > 0), as --moc-memory-weight-decay.")
     group.add_argument("--moc-freeze-bank", action="store_true",
                        help="Keep the memory bank fixed: no gradient, no optimizer state for it.")
 

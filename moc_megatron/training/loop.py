@@ -130,6 +130,10 @@ def _print_setup(run: RunConfig, config: MoCConfig, stack: TrainingStack, vocab:
             print_rank_0(" > learning rate bank: frozen (no gradient, no optimizer state)")
         elif config.has_memory or role == "backbone":
             print_rank_0(f" > learning rate {role}: max {peak:.3E} min {low:.3E}")
+    opt = run.optimizer
+    for role, decay in (("memory", opt.moc_memory_weight_decay), ("bank", opt.moc_bank_weight_decay)):
+        if decay is not None:
+            print_rank_0(f" > weight decay {role}: {decay:g} (--weight-decay {run.schedule.weight_decay:g})")
 
 
 def _resume_hint(run: RunConfig, path: str) -> str:

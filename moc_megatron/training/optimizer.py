@@ -8,9 +8,11 @@ Every parameter belongs to one role (:func:`param_role`):
 - ``backbone``: everything else.
 
 Memory and bank get their own peak LR through megatron's ``config_overrides`` (``max_lr``; ``min_lr``
-scaled by the same ratio as the peak). ``lr_mult`` carries that ratio too: megatron's scheduler does
-not read it, but megatron matches checkpointed param groups by ``(wd_mult, lr_mult, is_expert_parallel,
-is_decoupled_lr)``, so groups with different LRs must differ in it to be restored to the right group.
+scaled by the same ratio as the peak), and their own weight decay (``wd_mult``: the role's weight decay over
+``--weight-decay``; biases and 1-D parameters keep megatron's no-decay rule). ``lr_mult`` carries the LR
+ratio too: megatron's scheduler does not read it, but megatron matches checkpointed param groups by
+``(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)``, so groups with different LRs must differ in it
+to be restored to the right group.
 """
 
 from __future__ import annotations
@@ -67,6 +69,25 @@ def lr_overrides(lr: float, min_lr: float, memory_lr: float | None,
     return overrides
 
 
+def wd_overrides(weight_decay: float, memory_weight_decay: float | None,
+                 bank_weight_decay: float | None) -> dict[ParamKey, ParamGroupOverride]:
+    """megatron ``config_overrides`` giving the memory layers' matrices and the bank their own weight decay, as a
+    multiple of ``weight_decay`` (so a ``--start/--end-weight-decay`` schedule scales by the same ratio)."""
+    overrides: dict[ParamKey, ParamGroupOverride] = {}
+    for role, decay in ((MEMORY, memory_weight_decay), (BANK, bank_weight_decay)):
+        if decay is None or decay == weight_decay:
+            continue
+        if weight_decay <= 0:
+            raise ValueError(f"a {role} weight decay of {decay} needs --weight-decay > 0 (it scales it)")
+
+        def decays(param: torch.nn.Parameter, name: str, r: str = role) -> bool:
+            return param_role(name) == r and param.dim() > 1 and not name.endswith(".bias")
+
+        predicate = ParamWithNamePredicate(name=f"moc_{role}_wd", fn=decays)
+        overrides[ParamKey(with_name_predicate=predicate)] = ParamGroupOverride(wd_mult=decay / weight_decay)
+    return overrides
+
+
 def freeze_bank(model_chunks: Sequence[torch.nn.Module]) -> int:
     """``requires_grad=False`` on every bank parameter (before DDP wrapping); returns how many."""
     frozen = 0
@@ -79,11 +100,13 @@ def freeze_bank(model_chunks: Sequence[torch.nn.Module]) -> int:
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], config: OptimizerConfig, memory_lr: float | None = None,
-                    bank_lr: float | None = None) -> MegatronOptimizer:
+                    bank_lr: float | None = None, memory_weight_decay: float | None = None,
+                    bank_weight_decay: float | None = None) -> MegatronOptimizer:
     """megatron's optimizer over DDP-wrapped chunks, with the standard weight-decay skips (biases and
-    1-D parameters) and the memory/bank learning-rate groups."""
+    1-D parameters) and the memory/bank learning-rate and weight-decay groups."""
     overrides = get_standard_config_overrides(config)
     overrides.update(lr_overrides(config.lr, config.min_lr, memory_lr, bank_lr))
+    overrides.update(wd_overrides(config.weight_decay, memory_weight_decay, bank_weight_decay))
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 

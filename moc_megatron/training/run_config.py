@@ -76,7 +76,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """The optimizer, its precision, and the memory layers' and bank's own learning rates."""
+    """The optimizer, its precision, and the memory layers' and bank's own learning rates and weight decay."""
 
     optimizer: str
     clip_grad: float
@@ -91,6 +91,10 @@ class OptimizerSettings:
     moc_bank_lr: float | None
     """Peak LR of the memory bank (``None``: ``--lr``)."""
     moc_freeze_bank: bool
+    moc_memory_weight_decay: float | None = None
+    """Weight decay of the memory layers' matrices (``None``: ``--weight-decay``)."""
+    moc_bank_weight_decay: float | None = None
+    """Weight decay of the memory bank (``None``: ``--weight-decay``)."""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,9 @@ def build_training_stack(run: RunConfig, config: MoCConfig,
         module = Float16Module(config, chunk) if run.optimizer.bf16 else chunk
         # As in Megatron-LM, only the first chunk's buffers are bucketed (the others reduce at the end).
         wrapped.append(DistributedDataParallel(config, ddp, module, disable_bucketing=i > 0))
-    optimizer = build_optimizer(wrapped, optimizer_config(run), run.optimizer.moc_memory_lr, run.optimizer.moc_bank_lr)
+    opt = run.optimizer
+    optimizer = build_optimizer(wrapped, optimizer_config(run), opt.moc_memory_lr, opt.moc_bank_lr,
+                                opt.moc_memory_weight_decay, opt.moc_bank_weight_decay)
     scheduler = build_scheduler(run.schedule, optimizer)
 
     config.grad_scale_func = optimizer.scale_loss

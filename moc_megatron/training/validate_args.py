@@ -189,16 +189,25 @@ def _validate_model(args: argparse.Namespace) -> None:
         args.moc_bank_seed = args.seed
     has_memory = bool(args.moc_memory_layers)
     memory_only = {"--moc-memory-lr": args.moc_memory_lr, "--moc-bank-lr": args.moc_bank_lr,
+                   "--moc-memory-weight-decay": args.moc_memory_weight_decay,
+                   "--moc-bank-weight-decay": args.moc_bank_weight_decay,
                    "--moc-freeze-bank": args.moc_freeze_bank or None}
     given = [flag for flag, value in memory_only.items() if value is not None]
     if given and not has_memory:
         raise ArgumentsError(f"{', '.join(given)} need a memory: set --moc-memory-layers")
     if args.moc_freeze_bank and args.moc_bank_lr is not None:
         raise ArgumentsError("--moc-bank-lr has no effect with --moc-freeze-bank: give one of them")
-    for flag in ("moc_memory_lr", "moc_bank_lr"):
+    if args.moc_freeze_bank and args.moc_bank_weight_decay is not None:
+        raise ArgumentsError("--moc-bank-weight-decay has no effect with --moc-freeze-bank: give one of them")
+    for flag in ("moc_memory_lr", "moc_bank_lr", "moc_memory_weight_decay", "moc_bank_weight_decay"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise ArgumentsError(f"--{flag.replace('_', '-')} must be non-negative")
+    for flag in ("moc_memory_weight_decay", "moc_bank_weight_decay"):
+        value = getattr(args, flag)
+        if value is not None and value != args.weight_decay and args.weight_decay <= 0:
+            raise ArgumentsError(f"--{flag.replace('_', '-')} {value} needs --weight-decay > 0: it is applied as a "
+                                 "multiple of --weight-decay")
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:

@@ -83,3 +83,28 @@ def test_frozen_bank_has_no_gradient_and_no_optimizer_state():
     assert not any(id(s) in {id(p) for p in bank.values()} for s in states)
     assert all(not g["is_expert_parallel"] for g in stack.optimizer.param_groups), "no expert optimizer when frozen"
     assert not torch.equal(params["decoder.layers.0.cross_attention.linear_o.weight"], memory_before), "memory trains"
+
+
+def test_memory_and_bank_weight_decay_groups():
+    """--moc-bank-weight-decay 0 stops the bank's decay, --moc-memory-weight-decay scales the memory matrices', and
+    the memory norms and the backbone keep theirs (0 for 1-D parameters, --weight-decay for matrices)."""
+    args, stack = make_stack("--weight-decay", "0.1", "--moc-memory-lr", "6e-3",
+                             "--moc-memory-weight-decay", "0.05", "--moc-bank-weight-decay", "0")
+    names = {id(p): n for n, p in named_params(stack).items()}
+    one_step(args, stack)
+    decay_of = {}
+    for group in stack.optimizer.param_groups:
+        for p in group["params"]:
+            decay_of[names[id(p)]] = group["weight_decay"]
+    assert decay_of["memory_bank.routed"] == 0.0 and decay_of["memory_bank.shared"] == 0.0
+    assert decay_of["decoder.layers.0.cross_attention.linear_o.weight"] == pytest.approx(0.05)
+    memory_norms = [n for n in decay_of if param_role(n) == MEMORY and "norm" in n]
+    assert memory_norms and all(decay_of[n] == 0.0 for n in memory_norms)
+    assert decay_of["decoder.layers.0.mlp.linear_fc1.weight"] == pytest.approx(0.1)
+
+
+def test_memory_weight_decay_needs_a_weight_decay_to_scale():
+    from moc_megatron.errors import MoCError
+
+    with pytest.raises((MoCError, SystemExit), match="needs --weight-decay > 0"):
+        make_stack("--weight-decay", "0", "--moc-bank-weight-decay", "0.1")
