@@ -365,8 +365,9 @@ def evaluate_run(paths: Paths, scale: Scale, run: str) -> None:
             if final:
                 entry["outcomes"] = [dict(attribute=o.attribute, person=o.person, exact=o.exact, rank=o.rank)
                                      for o in report.outcomes]
-            if final and memory_routers(model.module):
+            if memory_routers(model.module):  # every checkpoint: how the routing forms during pretraining
                 entry.update(where_facts_go(model, probes, bios))
+            if final and memory_routers(model.module):
                 log(f"  {os.path.basename(run)} {stage}: " + "; ".join(
                     f"layer {layer}: distinct {r['distinct']:.1f} (shuffled {r['distinct_shuffled']:.1f}), "
                     f"bio overlap {r['bio_overlap']['overlap']:.2f} (others {r['bio_overlap']['overlap_other']:.2f}), "
