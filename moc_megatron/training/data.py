@@ -24,6 +24,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from moc_megatron import platform
 from moc_megatron.data.dataset_check import check_indexed_dataset
 from moc_megatron.data.tokenizer_record import TokenizerRecord, check_same_tokenizer, read_dataset_record
+from moc_megatron.errors import MoCError
 from moc_megatron.memory.documents import document_ids_from_tokens, needs_document_ids
 from moc_megatron.training.run_config import DataConfig, RunConfig
 
@@ -150,10 +151,37 @@ def split_sizes(run: RunConfig) -> list[int]:
     return [run.schedule.train_iters * gbs, eval_samples, eval_samples]
 
 
+class DatasetSplitError(MoCError, ValueError):
+    """A split that must give samples holds no document of a dataset."""
+
+
+SPLIT_NAMES = ("training", "validation", "test")
+SPLIT_SIZE_FLAGS = ("--train-iters", "--eval-iters", "--eval-iters")
+
+
+def check_splits_have_documents(config: GPTDatasetConfig, sizes: list[int]) -> None:
+    """Raise :class:`DatasetSplitError` if a split asked for samples gets none of a dataset's documents (megatron's
+    GPT dataset would loop forever counting epochs of zero tokens)."""
+    if config.mock or config.blend is None:  # per-split blends read whole datasets, never empty (checked)
+        return
+    for prefix in config.blend[0]:
+        for i, bounds in enumerate(config.split_matrix):
+            if bounds is None or not sizes[i]:
+                continue
+            documents = check_indexed_dataset(prefix).documents
+            begin, end = (int(round(b * documents)) for b in bounds)  # megatron's rounding of the split bounds
+            if end <= begin:
+                raise DatasetSplitError(
+                    f"{prefix}: the {SPLIT_NAMES[i]} split needs {sizes[i]} samples ({SPLIT_SIZE_FLAGS[i]}), but "
+                    f"--split {config.split} leaves it none of its {documents} documents; give that split a larger "
+                    f"share (e.g. --split 90,10,0), more documents, or {SPLIT_SIZE_FLAGS[i]} 0")
+
+
 def build_datasets(run: RunConfig, tokenizer) -> tuple:
     """``(train, valid, test)`` datasets (``None`` where a split is empty or this rank needs no data)."""
     sizes = split_sizes(run)
     config = dataset_config(run.data, run.seed, tokenizer)
+    check_splits_have_documents(config, sizes)
     cls = MockGPTDataset if config.mock else GPTDataset
     if not needs_document_ids(run.model):
         return tuple(BlendedMegatronDatasetBuilder(cls, sizes, is_dataset_built_on_rank, config).build())
