@@ -259,13 +259,16 @@ def documents_per_sequence(paths: Paths, scale: Scale) -> float:
 
 
 def iso_flop_dense(scale: Scale, documents: float = 1.0) -> dict:
-    """The dense model of (nearly) the MoC model's FLOPs: more layers first, then the FFN width."""
+    """The dense model of (nearly) the MoC model's FLOPs: among the (depth, FFN width) pairs within 2 % of them, the
+    FFN width nearest the backbone's (so more layers first); if none is within 2 %, the pair nearest in FLOPs."""
     target = flops_per_sequence(model_fields(scale, "moc"), scale, documents)
     best = None
     for layers in range(scale.num_layers, 3 * scale.num_layers + 1):
         for ffn in range(max(32, scale.ffn_hidden_size // 2), 3 * scale.ffn_hidden_size + 1, 32):
             flops = flops_per_sequence(model_fields(scale, "dense_iso", layers, ffn), scale)
-            key = (abs(flops / target - 1) > 0.02, abs(ffn - scale.ffn_hidden_size), abs(flops / target - 1))
+            error = abs(flops / target - 1)
+            # within 2 %: the FFN width nearest the backbone's; none within 2 % (toy sizes): the nearest FLOPs
+            key = (0, abs(ffn - scale.ffn_hidden_size), error) if error <= 0.02 else (1, error, 0)
             if best is None or key < best[0]:
                 best = (key, layers, ffn, flops)
     _, layers, ffn, flops = best

@@ -14,10 +14,12 @@ for arg in "$@"; do
   case "$arg" in tests/*) selected+=("$arg") ;; esac
 done
 # Checked on the development stack only, to keep CI short: the fp32 kernels' sm_90 compile (minutes,
-# reference-speed kernels), and the cross-version checkpoint tests (that run does both directions).
+# reference-speed kernels), the cross-version checkpoint tests (that run does both directions), and the
+# knowledge example's toy run (minutes of subprocesses, each tool already tested on this stack).
 [ ${#selected[@]} -eq 0 ] && set -- "$@" "${DEFAULT_TESTS[@]}" \
   --deselect "tests/unit/test_compile_sm90.py::test_every_kernel_variant_compiles_for_sm90[paper-fp32]" \
-  --deselect tests/unit/test_checkpoint_across_versions.py
+  --deselect tests/unit/test_checkpoint_across_versions.py \
+  --deselect tests/unit/test_knowledge_example.py
 # The cross-version checkpoint tests resume this stack's checkpoints on the development stack when it is set up.
 if [ -z "${MOC_OTHER_STACK_PYTHON:-}" ] && [ -x .venv/bin/python ]; then
   export MOC_OTHER_STACK_PYTHON=$PWD/.venv/bin/python
