@@ -473,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "knowledge"), help="experiment directory")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="cpu: the default (58 min wall-clock measured on the shared 2-core CPU machine, see "
-                        "docs/knowledge.md); gpu: a larger version for one GPU (not run yet)")
+                   help="cpu: the default (one seed, three models two at a time: 14.7 min on the idle 2-core CPU "
+                        "machine, so about 45 min for three seeds; docs/knowledge.md); gpu: a larger version for "
+                        "one GPU (not run yet)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
