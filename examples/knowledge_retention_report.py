@@ -4,6 +4,10 @@
 
 writes ``results.json`` (the numbers of every run, mean and spread over seeds), ``table.md`` and the PNGs
 ``recall_vs_tokens.png``, ``forgetting.png`` and ``routing.png`` into the output folder.
+
+    python examples/knowledge_retention_report.py --collect runs/knowledge_doc docs/knowledge/results_documents.json
+
+collects every run of an experiment folder (base runs and ``--tag`` variants) into one JSON file.
 """
 
 from __future__ import annotations
@@ -218,9 +222,40 @@ def write_report(summary: dict, out_dir: str) -> dict:
     return results
 
 
+def collect_runs(experiment_dir: str, path: str) -> int:
+    """Every run of an experiment folder (every ``*_seedN`` with an ``eval.json``: base runs and lever variants)
+    into one JSON file: its evaluations without the per-probe outcomes and routes, its timing, its pretraining
+    command and whether its pretraining was reused. Returns how many runs."""
+    collected = {}
+    for name in sorted(os.listdir(experiment_dir)):
+        run = os.path.join(experiment_dir, name)
+        if "_seed" not in name or not os.path.exists(os.path.join(run, "eval.json")):
+            continue
+        with open(os.path.join(run, "eval.json")) as f:
+            evals = json.load(f)
+        for entry in evals:
+            entry.pop("outcomes", None)
+            for layer in entry.get("routing", {}).values():
+                layer.pop("routes", None)
+                layer.pop("usage", None)
+        timing_path = os.path.join(run, "timing.json")
+        timing = json.load(open(timing_path)) if os.path.exists(timing_path) else None
+        with open(os.path.join(run, "log.txt")) as f:
+            first = f.readline()
+        collected[name] = dict(evals=evals, timing=timing,
+                               pretrain_command=first[2:].strip() if first.startswith("$ ") else None,
+                               pretrain_reused=os.path.islink(os.path.join(run, "pretrain")))
+    with open(path, "w") as f:
+        json.dump(collected, f)
+    return len(collected)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) == 4 and sys.argv[1] == "--collect":
+        print(f"{collect_runs(sys.argv[2], sys.argv[3])} runs -> {sys.argv[3]}")
+    elif len(sys.argv) == 3:
+        with open(sys.argv[1]) as f:
+            write_report(json.load(f), sys.argv[2])
+    else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    with open(sys.argv[1]) as f:
-        write_report(json.load(f), sys.argv[2])

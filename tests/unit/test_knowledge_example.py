@@ -43,6 +43,16 @@ def test_knowledge_example_runs_and_resumes(tmp_path):
     assert "--moc-freeze-bank" in finetune and "--moc-memory-lr 0.0" in finetune, finetune
     assert "--moc-routing-unit document" in moc_log and "--reset-attention-mask" in moc_log
 
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from knowledge_retention_report import collect_runs
+
+    collected = str(tmp_path / "collected.json")
+    assert collect_runs(out, collected) == 3
+    runs = json.load(open(collected))
+    assert set(runs) == {"moc_seed1", "dense_iso_seed1", "backbone_seed1"}
+    assert "pretrain_moc.py" in runs["moc_seed1"]["pretrain_command"] and not runs["moc_seed1"]["pretrain_reused"]
+    assert all("routes" not in layer for e in runs["moc_seed1"]["evals"] for layer in e["routing"].values())
+
     second = run_example(out)  # everything exists: nothing is trained again
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "pretrain moc" not in second.stdout and "finetune" not in second.stdout, second.stdout
