@@ -165,10 +165,10 @@ def check_splits_have_documents(config: GPTDatasetConfig, sizes: list[int]) -> N
     if config.mock or config.blend is None:  # per-split blends read whole datasets, never empty (checked)
         return
     for prefix in config.blend[0]:
+        documents = check_indexed_dataset(prefix).documents  # reads the index header once per dataset
         for i, bounds in enumerate(config.split_matrix):
             if bounds is None or not sizes[i]:
                 continue
-            documents = check_indexed_dataset(prefix).documents
             begin, end = (int(round(b * documents)) for b in bounds)  # megatron's rounding of the split bounds
             if end <= begin:
                 raise DatasetSplitError(
